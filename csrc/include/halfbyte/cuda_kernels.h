@@ -1,0 +1,54 @@
+// CUDA kernels of halfbyte on raw device pointers (no torch). Every launcher enqueues on `stream`,
+// never synchronizes the host, allocates nothing and returns the launch status (cudaGetLastError
+// after the launch), so callers can capture it in a CUDA graph. Index arithmetic is 64-bit.
+//
+// Results are bit-identical to the CPU kernels of cpu_kernels.h (same layouts, same rules from
+// codebooks.h). Half types are passed as raw 16-bit patterns (DType says which).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "halfbyte/codebooks.h"
+#include "halfbyte/float_types.h"
+
+namespace halfbyte::cuda {
+
+// Device address of the 16 levels of `type` (a table in device memory of the current device, set
+// at module load; no copy, so it is safe during graph capture).
+cudaError_t table_4bit(QuantType type, const float** device_table);
+
+cudaError_t quantize_4bit(const void* input, DType input_dtype, int64_t n, int64_t blocksize, QuantType type,
+                          float* absmax, uint8_t* packed, cudaStream_t stream);
+
+// `table`: device pointer to 16 float32 levels.
+cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, const float* table, int64_t n,
+                            int64_t blocksize, DType output_dtype, void* output, cudaStream_t stream);
+
+// `code`: device pointer to a sorted 256-entry float32 code.
+cudaError_t quantize_blockwise_8bit(const void* input, DType input_dtype, int64_t n, int64_t blocksize,
+                                    const float* code, float* absmax, uint8_t* codes, cudaStream_t stream);
+
+cudaError_t dequantize_blockwise_8bit(const uint8_t* codes, const float* absmax, const float* code, int64_t n,
+                                      int64_t blocksize, DType output_dtype, void* output, cudaStream_t stream);
+
+// Per-block scale of a 4-bit weight, plain or double-quantized:
+//   plain:  scale[b] = absmax[b]
+//   nested: scale[b] = nested_code[absmax_codes[b]] * nested_absmax[b / 256] + *offset
+struct BlockScales {
+  const float* absmax = nullptr;          // plain float32 absmax, or nullptr when nested
+  const uint8_t* absmax_codes = nullptr;  // nested: 8-bit codes of (absmax - offset)
+  const float* nested_absmax = nullptr;   // nested: float32 absmax per 256 codes
+  const float* nested_code = nullptr;     // nested: 256-entry code
+  const float* offset = nullptr;          // nested: device pointer to the 0-dim float32 offset
+};
+
+// out[m, j] = sum_k A[m, k] * W[j, k] (+ bias[j]), W = dequantized [N, K] 4-bit weight (row-major
+// codes as written by quantize_4bit), accumulated in float32. A is [M, K] with row stride lda
+// (elements), out is [M, N] contiguous, same dtype as A. `table`: device pointer to 16 levels.
+cudaError_t gemm_4bit(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda, const uint8_t* packed,
+                      BlockScales scales, const float* table, int64_t N, int64_t blocksize, const void* bias,
+                      void* out, cudaStream_t stream);
+
+}  // namespace halfbyte::cuda

@@ -1,0 +1,212 @@
+// CUDA implementations of the halfbyte ops: validation and allocation from op_plans.h, then the
+// torch-free launchers of csrc/cuda/ on the current stream under a device guard. No host
+// synchronization and no host->device copies, so every op can be captured in a CUDA graph.
+//
+// gemm_4bit / gemv_4bit dispatch (rows M = A.numel() / K):
+//   M <= kDecodeMaxRows  -> the fused decode kernel (gemm_4bit_decode.cu): streams the 4-bit weight once.
+//   larger M             -> dequantize the weight to A's dtype, then at::linear (cuBLAS).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "halfbyte/cuda_kernels.h"
+#include "op_plans.h"
+
+namespace halfbyte::ops {
+namespace {
+
+constexpr int64_t kDecodeMaxRows = 16;
+
+void check_cuda(cudaError_t status, const char* op) {
+  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
+}
+
+const float* table_4bit_cuda(QuantType type) {
+  const float* table = nullptr;
+  check_cuda(cuda::table_4bit(type, &table), "halfbyte: 4-bit table lookup");
+  return table;
+}
+
+const uint8_t* bytes_of(const at::Tensor& t) { return static_cast<const uint8_t*>(t.const_data_ptr()); }
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
+                                                      c10::string_view quant_type, at::ScalarType quant_storage) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  QuantizePlan p = plan_quantize_4bit(A, blocksize, std::string(quant_type), quant_storage);
+  check_cuda(cuda::quantize_4bit(p.input.const_data_ptr(), p.dtype, p.n, blocksize, p.type,
+                                 p.absmax.data_ptr<float>(), static_cast<uint8_t*>(p.codes.data_ptr()),
+                                 c10::cuda::getCurrentCUDAStream()),
+             "halfbyte::quantize_4bit");
+  return {p.codes, p.absmax};
+}
+
+void dequantize_4bit_into(const at::Tensor& packed, const at::Tensor& absmax, const float* table, int64_t n,
+                          int64_t blocksize, DType dtype, at::Tensor& out) {
+  check_cuda(cuda::dequantize_4bit(bytes_of(packed), absmax.const_data_ptr<float>(), table, n, blocksize, dtype,
+                                   out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+             "halfbyte::dequantize_4bit");
+}
+
+at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                                c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, {});
+  dequantize_4bit_into(p.codes, p.absmax, table_4bit_cuda(p.type), p.n, blocksize, p.dtype, p.out);
+  return p.out;
+}
+
+void dequantize_4bit_out_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                              c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
+                              at::Tensor out) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, out);
+  dequantize_4bit_into(p.codes, p.absmax, table_4bit_cuda(p.type), p.n, blocksize, p.dtype, p.out);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code,
+                                                           int64_t blocksize) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  QuantizePlan p = plan_quantize_blockwise(A, code, blocksize);
+  const at::Tensor code_c = code.contiguous();
+  check_cuda(cuda::quantize_blockwise_8bit(p.input.const_data_ptr(), p.dtype, p.n, blocksize,
+                                           code_c.const_data_ptr<float>(), p.absmax.data_ptr<float>(),
+                                           p.codes.data_ptr<uint8_t>(), c10::cuda::getCurrentCUDAStream()),
+             "halfbyte::quantize_blockwise");
+  return {p.codes, p.absmax};
+}
+
+void dequantize_blockwise_into(const DequantizePlan& p, const at::Tensor& code, int64_t blocksize) {
+  const at::Tensor code_c = code.contiguous();
+  check_cuda(cuda::dequantize_blockwise_8bit(bytes_of(p.codes), p.absmax.const_data_ptr<float>(),
+                                             code_c.const_data_ptr<float>(), p.n, blocksize, p.dtype,
+                                             p.out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+             "halfbyte::dequantize_blockwise");
+}
+
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
+                                     int64_t blocksize, at::ScalarType dtype) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  DequantizePlan p = plan_dequantize_blockwise(A, absmax, code, blocksize, dtype, {});
+  dequantize_blockwise_into(p, code, blocksize);
+  return p.out;
+}
+
+void dequantize_blockwise_out_cuda(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
+                                   int64_t blocksize, at::ScalarType dtype, at::Tensor out) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  DequantizePlan p = plan_dequantize_blockwise(A, absmax, code, blocksize, dtype, out);
+  dequantize_blockwise_into(p, code, blocksize);
+}
+
+struct GemmScales {
+  cuda::BlockScales scales;
+  at::Tensor keep_alive[3];  // contiguous copies referenced by `scales`
+};
+
+GemmScales gemm_scales(const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax_8bit,
+                       const c10::optional<at::Tensor>& absmax_code, const c10::optional<at::Tensor>& absmax_offset) {
+  GemmScales s;
+  s.keep_alive[0] = absmax.contiguous();
+  if (!absmax_8bit.has_value()) {
+    s.scales.absmax = s.keep_alive[0].const_data_ptr<float>();
+    return s;
+  }
+  s.keep_alive[1] = absmax_8bit->contiguous();
+  s.keep_alive[2] = absmax_code->contiguous();
+  s.scales.absmax_codes = s.keep_alive[1].const_data_ptr<uint8_t>();
+  s.scales.nested_absmax = s.keep_alive[0].const_data_ptr<float>();
+  s.scales.nested_code = s.keep_alive[2].const_data_ptr<float>();
+  s.scales.offset = absmax_offset->const_data_ptr<float>();
+  return s;
+}
+
+// out = A @ W^T (+ bias) for a validated plan, choosing the kernel by the number of rows.
+at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const float* table, int64_t blocksize,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& absmax_8bit,
+                              const c10::optional<at::Tensor>& absmax_code,
+                              const c10::optional<at::Tensor>& absmax_offset) {
+  const at::ScalarType dtype = p.A2.scalar_type();
+  if (p.M <= kDecodeMaxRows) {
+    at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
+    const GemmScales s = gemm_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
+    const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    check_cuda(cuda::gemm_4bit(p.A2.const_data_ptr(), to_dtype(dtype), p.M, p.K, p.M > 1 ? p.A2.stride(0) : p.K,
+                               bytes_of(p.B), s.scales, table, p.N, blocksize,
+                               bias_c.defined() ? bias_c.const_data_ptr() : nullptr, out.data_ptr(),
+                               c10::cuda::getCurrentCUDAStream()),
+               "halfbyte::gemm_4bit");
+    return out.view(p.out_shape);
+  }
+  at::Tensor scales = absmax.contiguous();
+  if (p.nested) {
+    DequantizePlan nested =
+        plan_dequantize_blockwise(*absmax_8bit, absmax, *absmax_code, kNestedBlocksize, at::kFloat, {});
+    dequantize_blockwise_into(nested, *absmax_code, kNestedBlocksize);
+    scales = nested.out.add_(*absmax_offset);
+  }
+  at::Tensor weight = at::empty({p.N, p.K}, p.A2.options());
+  dequantize_4bit_into(p.B, scales, table, p.N * p.K, blocksize, to_dtype(dtype), weight);
+  return at::linear(p.A2, weight, bias).view(p.out_shape);
+}
+
+at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
+                          int64_t blocksize, c10::string_view quant_type, const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& absmax_8bit,
+                          const c10::optional<at::Tensor>& absmax_code,
+                          const c10::optional<at::Tensor>& absmax_offset) {
+  const char* op = "halfbyte::gemm_4bit";
+  const c10::cuda::CUDAGuard guard(A.device());
+  check_blocksize(op, blocksize);
+  const QuantType type = parse_quant_type(op, std::string(quant_type));
+  GemmPlan p = plan_gemm_4bit(op, A, B, shapeB, bias);
+  p.nested = check_gemm_scales(op, absmax, block_count(p.N * p.K, blocksize), absmax_8bit, absmax_code,
+                               absmax_offset, A);
+  return gemm_4bit_dispatch(p, absmax, table_4bit_cuda(type), blocksize, bias, absmax_8bit, absmax_code,
+                            absmax_offset);
+}
+
+at::Tensor gemv_4bit_impl(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize) {
+  const char* op = "halfbyte::gemv_4bit";
+  check_blocksize(op, blocksize);
+  GemmPlan p = plan_gemm_4bit(op, A, B, shapeB, {});
+  check_absmax(op, absmax, block_count(p.N * p.K, blocksize), A);
+  check_same_device(op, "code", code, A);
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, op,
+              ": code must be a float32 tensor of 16 levels, got ", code.scalar_type(), " with ", code.numel());
+  const at::Tensor table = code.contiguous();
+  return gemm_4bit_dispatch(p, absmax, table.const_data_ptr<float>(), blocksize, {}, {}, {}, {});
+}
+
+at::Tensor gemv_4bit_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                          const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  return gemv_4bit_impl(A, B, shapeB, absmax, code, blocksize);
+}
+
+void gemv_4bit_out_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
+                        const at::Tensor& code, int64_t blocksize, at::Tensor out) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  const at::Tensor result = gemv_4bit_impl(A, B, shapeB, absmax, code, blocksize);
+  check_out("halfbyte::gemv_4bit.out", out, result.sizes(), A.scalar_type(), A);
+  out.copy_(result);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(halfbyte, CUDA, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cuda);
+  m.impl("dequantize_4bit", &dequantize_4bit_cuda);
+  m.impl("dequantize_4bit.out", &dequantize_4bit_out_cuda);
+  m.impl("quantize_blockwise", &quantize_blockwise_cuda);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
+  m.impl("dequantize_blockwise.out", &dequantize_blockwise_out_cuda);
+  m.impl("gemm_4bit", &gemm_4bit_cuda);
+  m.impl("gemv_4bit", &gemv_4bit_cuda);
+  m.impl("gemv_4bit.out", &gemv_4bit_out_cuda);
+}
+
+}  // namespace halfbyte::ops

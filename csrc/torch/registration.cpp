@@ -1,0 +1,27 @@
+// The schemas of every halfbyte op, in one TORCH_LIBRARY. They follow bitsandbytes' schemas
+// (bitsandbytes::*) so code written against one ports to the other by changing the namespace.
+// Implementations: cpu_ops.cpp (CPU), cuda_ops.cpp (CUDA); fake kernels: python/halfbyte/_ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(halfbyte, m) {
+  m.def("quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
+  m.def("dequantize_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
+  m.def(
+      "dequantize_blockwise.out(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype, "
+      "Tensor! out) -> ()");
+  m.def("quantize_4bit(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> (Tensor, Tensor)");
+  m.def(
+      "dequantize_4bit(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, ScalarType dtype) "
+      "-> Tensor");
+  m.def(
+      "dequantize_4bit.out(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, "
+      "ScalarType dtype, Tensor! out) -> ()");
+  m.def(
+      "gemm_4bit(Tensor A, Tensor B, int[] shapeB, Tensor absmax, int blocksize, str quant_type, "
+      "Tensor? bias=None, Tensor? absmax_8bit=None, Tensor? absmax_code=None, Tensor? absmax_offset=None) "
+      "-> Tensor");
+  m.def("gemv_4bit(Tensor A, Tensor B, int[] shapeB, Tensor absmax, Tensor code, int blocksize) -> Tensor");
+  m.def(
+      "gemv_4bit.out(Tensor A, Tensor B, int[] shapeB, Tensor absmax, Tensor code, int blocksize, "
+      "Tensor! out) -> ()");
+}
