@@ -3,7 +3,7 @@
 // rcp.approx depends only on the mantissa of its input (the exponent shifts the result), and differs
 // from the correctly rounded reciprocal by at most one unit in the last place. The table
 // halfbyte_rcp_delta_table (2 bits per mantissa, 2 MiB, embedded at build time from
-// csrc/data/rcp_approx_delta.bin.zlib) holds that difference + 1 for each of the 2^23 mantissas; it was
+// python/halfbyte/data/rcp_approx_delta.bin.zlib) holds that difference + 1 for each of the 2^23 mantissas; it was
 // measured on an H100 by tools/make_rcp_table.py and is checked against the GPU by the CUDA tests.
 // Special cases follow the .ftz rules: zero and subnormal inputs give infinity, infinity gives zero,
 // results that would be subnormal are flushed to zero.

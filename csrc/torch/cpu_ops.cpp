@@ -144,7 +144,7 @@ at::Tensor gemv_4bit_impl(const at::Tensor& A, const at::Tensor& B, at::IntArray
   GemmPlan p = plan_gemm_4bit(op, A, B, shapeB, {});
   check_absmax(op, absmax, block_count(p.N * p.K, blocksize), A);
   check_same_device(op, "code", code, A);
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, op,
+  TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat && code.numel() == 16, op,
               ": code must be a float32 tensor of 16 levels, got ", code.scalar_type(), " with ", code.numel());
   const at::Tensor table = code.contiguous();
   const at::Tensor weight = dequantized_weight(p, absmax, table.const_data_ptr<float>(), blocksize, {}, {}, {},

@@ -1,6 +1,27 @@
-"""halfbyte: 4-bit and 8-bit weight quantization for PyTorch, bitsandbytes-compatible."""
+"""halfbyte: 4-bit and 8-bit weight quantization for PyTorch, bitsandbytes-compatible.
+
+``import halfbyte as bnb`` covers the common 4-bit code: ``bnb.functional.quantize_4bit`` /
+``dequantize_4bit`` / ``quantize_blockwise`` / ..., ``bnb.matmul_4bit`` and ``QuantState``, with
+bitsandbytes' byte formats.
+"""
+
 import torch  # noqa: F401  (loads libtorch before the native library)
 
 from . import _C  # noqa: F401  (registers torch.ops.halfbyte.*)
+from . import _ops, functional, reference  # noqa: F401
+from .autograd import matmul_4bit
+from .quant_state import QuantState
 
 __version__ = _C.__version__
+
+__all__ = ["QuantState", "build_info", "functional", "matmul_4bit", "reference"]
+
+
+def build_info() -> dict:
+    """How the native library was built: version, CUDA kernels yes/no, CUDA architectures, kernel list."""
+    return {
+        "version": _C.version(),
+        "cuda": _C.built_with_cuda(),
+        "cuda_archs": _C.cuda_archs(),
+        "kernels": list(_C.compiled_kernels()),
+    }

@@ -8,7 +8,7 @@
 // and products are flushed to zero (measured on an H100: the IEEE reciprocal differs from
 // rcp.approx on 13% of mantissas, which changes codes of values on a threshold). On the GPU the
 // same instructions are used; on the CPU reciprocal_like_cuda() reproduces rcp.approx exactly from
-// a table of its deviation from the IEEE reciprocal (csrc/data/, see tools/make_rcp_table.py).
+// a table of its deviation from the IEEE reciprocal (python/halfbyte/data/, see tools/make_rcp_table.py).
 //
 // - NF4: 16 sorted levels; the code of x is the number of midpoint thresholds t with x > t
 //   (strict, so a value exactly on a threshold takes the lower level). NaN exceeds no threshold
@@ -88,16 +88,17 @@ constexpr HB_HOST_DEVICE float nf4_level(int code) {
 // FP4 (e2m1 with bias 3, no infinities): raw magnitudes of codes 0..7 are 0, 0.0625, 8, 12, 4, 6, 2, 3,
 // divided by 12; bit 3 is the sign.
 constexpr HB_HOST_DEVICE float fp4_level(int code) {
+  // Each magnitude is the correctly rounded float32 of raw / 12 (as bitsandbytes' tables hold them).
   float magnitude = 0.0f;
   switch (code & 7) {
     case 0: magnitude = 0.0f; break;
-    case 1: magnitude = 0.0052083333f; break;
-    case 2: magnitude = 0.6666667f; break;
+    case 1: magnitude = 0.0625f / 12.0f; break;
+    case 2: magnitude = 8.0f / 12.0f; break;
     case 3: magnitude = 1.0f; break;
-    case 4: magnitude = 0.3333333f; break;
-    case 5: magnitude = 0.5f; break;
-    case 6: magnitude = 0.1666667f; break;
-    default: magnitude = 0.25f; break;
+    case 4: magnitude = 4.0f / 12.0f; break;
+    case 5: magnitude = 6.0f / 12.0f; break;
+    case 6: magnitude = 2.0f / 12.0f; break;
+    default: magnitude = 3.0f / 12.0f; break;
   }
   return (code & 8) ? -magnitude : magnitude;
 }

@@ -1,0 +1,65 @@
+"""matmul_4bit: ``A @ W.T (+ bias)`` for a 4-bit weight, differentiable in A and bias.
+
+One call of ``torch.ops.halfbyte.gemm_4bit`` for every batch size (the op reads double-quantized absmax
+directly); its autograd is registered on the op (python/halfbyte/_ops.py), so eager, autograd and
+torch.compile all take the same path. The weight is frozen: it gets no gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import functional as F
+from .quant_state import QuantState
+
+
+def gemm_4bit_args(B: torch.Tensor, quant_state: QuantState) -> tuple:
+    """(B, shapeB, absmax, blocksize, quant_type) and the nested keyword arguments of gemm_4bit."""
+    nested = {}
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        if quant_state.state2.blocksize != F.NESTED_BLOCKSIZE:
+            raise ValueError(
+                f"matmul_4bit: double quantization must use blocks of 256, got {quant_state.state2.blocksize}"
+            )
+        nested = dict(absmax_8bit=quant_state.absmax, absmax_code=quant_state.state2.code, absmax_offset=quant_state.offset)
+        absmax = quant_state.state2.absmax
+    return (B.reshape(-1, 1), list(quant_state.shape), absmax, quant_state.blocksize, quant_state.quant_type), nested
+
+
+def matmul_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    quant_state: QuantState,
+    out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``A @ dequantize(B).T + bias`` with A of shape [..., K] and a weight quantized from [N, K].
+
+    B is the packed weight (any view of it: ``weight`` or ``weight.t()``); quant_state.shape is [N, K].
+    """
+    if quant_state is None:
+        raise ValueError("matmul_4bit: quant_state is required")
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"matmul_4bit: quant_state must be a QuantState, got {type(quant_state).__name__}")
+    if quant_state.shape is None or len(quant_state.shape) != 2:
+        raise ValueError(f"matmul_4bit: quant_state.shape must be [N, K], got {quant_state.shape}")
+    N, K = quant_state.shape
+    if A.shape[-1] == N and N != K:
+        # A weight quantized from its [K, N] transpose (old bitsandbytes code): still correct, not fused.
+        if not torch.compiler.is_compiling():
+            warnings.warn(
+                f"matmul_4bit: weight was quantized as [K, N] = {list(quant_state.shape)}; quantize the "
+                "[out_features, in_features] weight instead for the fused kernel",
+                stacklevel=2,
+            )
+        weight = F.dequantize_4bit(B.reshape(-1, 1), quant_state).to(A.dtype)
+        result = torch.nn.functional.linear(A, weight.t(), bias)
+    else:
+        args, nested = gemm_4bit_args(B, quant_state)
+        result = torch.ops.halfbyte.gemm_4bit(A, *args, bias=bias, **nested)
+    if out is not None:
+        return out.copy_(result)
+    return result
