@@ -58,16 +58,27 @@ def nf4_table(device=None) -> torch.Tensor:
 
 
 def fp4_table(device=None) -> torch.Tensor:
-    raw = torch.tensor(FP4_RAW + tuple(-v for v in FP4_RAW), dtype=torch.float32, device=device)
-    return raw / 12.0
+    """The FP4 quant map as bitsandbytes stores it (``quant_map`` in state dicts): code 8 holds +0.0."""
+    raw = [0.0 if v == 0 else v for v in FP4_RAW + tuple(-v for v in FP4_RAW)]
+    return torch.tensor(raw, dtype=torch.float32, device=device) / 12.0
 
 
 def table_4bit(quant_type: str, device=None) -> torch.Tensor:
+    """The 16-entry quant map of `quant_type` (index = code), as stored in QuantState.code."""
     if quant_type == "nf4":
         return nf4_table(device)
     if quant_type == "fp4":
         return fp4_table(device)
     raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def levels_4bit(quant_type: str, device=None) -> torch.Tensor:
+    """The levels the dequantization kernels decode: the quant map, except FP4 code 8 decodes to -0.0
+    (sign bit set), as in bitsandbytes' CUDA kernels."""
+    table = table_4bit(quant_type, device)
+    if quant_type == "fp4":
+        table[8] = -0.0
+    return table
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -255,7 +266,7 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     _check_blocksize(blocksize)
     n = math.prod(shape)
-    table = table_4bit(quant_type, A.device)
+    table = levels_4bit(quant_type, A.device)
     codes = _unpack_codes(A, n)
     scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
     return multiply_like_cuda(table[codes], scale).to(dtype).reshape(shape)
