@@ -71,10 +71,18 @@ def _check_quant_type(fn: str, quant_type) -> None:
 
 
 def _mean_offset(absmax: torch.Tensor) -> torch.Tensor:
-    """offset of double quantization: absmax.mean() (torch's reduction, as bitsandbytes computes it)."""
+    """offset of double quantization: absmax.mean() (torch's reduction, as bitsandbytes computes it).
+
+    When a block holds NaN/inf that mean is not finite and would poison every block; then the mean of the
+    finite absmax is used instead (chosen on the device: no host synchronization), so the non-finite
+    block spoils only its group of 256 blocks that share a nested absmax.
+    """
     if absmax.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=absmax.device)
-    return absmax.mean()
+    mean = absmax.mean()
+    finite = torch.isfinite(absmax)
+    finite_mean = torch.where(finite, absmax, 0.0).sum() / finite.sum().clamp(min=1)
+    return torch.where(torch.isfinite(mean), mean, finite_mean)
 
 
 # ---- 8-bit blockwise ------------------------------------------------------------------------------
