@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install halfbyte from this checkout into a virtual environment (default .venv), with everything the
+# tests and benchmarks use. Safe to run again: it reuses the environment and rebuilds incrementally.
+#
+#   bash scripts/install.sh            # .venv, CUDA kernels built when nvcc is found (HALFBYTE_CUDA=AUTO)
+#   HALFBYTE_VENV=/tmp/env HALFBYTE_CUDA=OFF bash scripts/install.sh
+#
+# torch: the CUDA build (torch==2.14.1) so that the CUDA kernels compile; set HALFBYTE_TORCH=torch==2.13.0
+# for the smaller CPU-only build (then HALFBYTE_CUDA must not be ON).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${HALFBYTE_VENV:-.venv}"
+torch_spec="${HALFBYTE_TORCH:-torch==2.14.1}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+"$py" -m pip install -q --upgrade pip
+"$py" -m pip install -q "$torch_spec" numpy
+# Build tools (no build isolation: the build must see the torch installed above) and test/benchmark deps.
+"$py" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.24" ninja pytest scipy \
+  "bitsandbytes==0.50.2" ruff clang-format
+
+if [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDACXX=/usr/local/cuda/bin/nvcc
+fi
+"$py" -m pip install -q --no-build-isolation .
+"$py" -m halfbyte info
