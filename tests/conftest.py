@@ -1,9 +1,8 @@
 """Shared test helpers: devices, bitsandbytes (optional, skipped visibly), bit-exact comparisons."""
 
+import halfbyte  # noqa: F401  (registers the ops)
 import pytest
 import torch
-
-import halfbyte  # noqa: F401  (registers the ops)
 
 HAS_CUDA = torch.cuda.is_available() and halfbyte.build_info()["cuda"]
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

@@ -1,11 +1,10 @@
 """Bad input gets a clear TypeError / ValueError naming the argument, from the ops and from functional;
 never a crash, a read out of bounds or silently wrong numbers."""
 
+import halfbyte.functional as F
 import pytest
 import torch
 from conftest import DEVICES
-
-import halfbyte.functional as F
 from halfbyte import QuantState, matmul_4bit
 
 ops = torch.ops.halfbyte
@@ -96,11 +95,19 @@ def test_bad_output_dtype_and_out_tensor(device):
     with pytest.raises(TypeError, match="dtype must be float16, bfloat16 or float32, got Int"):
         ops.dequantize_4bit(packed, state.absmax, 64, "nf4", [64, 64], torch.int32)
     with pytest.raises(ValueError, match="out must have shape"):
-        ops.dequantize_4bit.out(packed, state.absmax, 64, "nf4", [64, 64], torch.float32,
-                                out=torch.empty(64, 63, device=device))
+        ops.dequantize_4bit.out(
+            packed, state.absmax, 64, "nf4", [64, 64], torch.float32, out=torch.empty(64, 63, device=device)
+        )
     with pytest.raises(TypeError, match="out must have dtype"):
-        ops.dequantize_4bit.out(packed, state.absmax, 64, "nf4", [64, 64], torch.float32,
-                                out=torch.empty(64, 64, dtype=torch.half, device=device))
+        ops.dequantize_4bit.out(
+            packed,
+            state.absmax,
+            64,
+            "nf4",
+            [64, 64],
+            torch.float32,
+            out=torch.empty(64, 64, dtype=torch.half, device=device),
+        )
 
 
 def test_tensors_on_different_devices_are_rejected():
@@ -113,8 +120,13 @@ def test_tensors_on_different_devices_are_rejected():
 
 def test_uint8_codes_required_for_dequantize_blockwise(device):
     with pytest.raises(TypeError, match="A must be uint8 codes"):
-        ops.dequantize_blockwise(torch.zeros(64, device=device), torch.ones(1, device=device),
-                                 F.create_dynamic_map().to(device), 64, torch.float32)
+        ops.dequantize_blockwise(
+            torch.zeros(64, device=device),
+            torch.ones(1, device=device),
+            F.create_dynamic_map().to(device),
+            64,
+            torch.float32,
+        )
     with pytest.raises(TypeError, match="A must be uint8 codes"):
         F.dequantize_blockwise(torch.zeros(64, device=device), absmax=torch.ones(1, device=device))
 
@@ -144,13 +156,21 @@ def test_matmul_shape_and_dtype_errors(device):
     with pytest.raises(ValueError, match="bias must have shape \\[32\\]"):
         matmul_4bit(torch.randn(3, 64, device=device), packed, state, bias=torch.zeros(31, device=device))
     with pytest.raises(TypeError, match="bias dtype"):
-        matmul_4bit(torch.randn(3, 64, device=device), packed, state, bias=torch.zeros(32, dtype=torch.half,
-                                                                                       device=device))
+        matmul_4bit(
+            torch.randn(3, 64, device=device), packed, state, bias=torch.zeros(32, dtype=torch.half, device=device)
+        )
     with pytest.raises(ValueError, match="quant_state is required"):
         matmul_4bit(torch.randn(3, 64, device=device), packed, None)
     with pytest.raises(ValueError, match="absmax_code is required"):
-        ops.gemm_4bit(torch.randn(3, 64, device=device), packed, [32, 64], state.absmax[:1], 64, "nf4",
-                      absmax_8bit=torch.zeros(32, dtype=torch.uint8, device=device))
+        ops.gemm_4bit(
+            torch.randn(3, 64, device=device),
+            packed,
+            [32, 64],
+            state.absmax[:1],
+            64,
+            "nf4",
+            absmax_8bit=torch.zeros(32, dtype=torch.uint8, device=device),
+        )
 
 
 @pytest.mark.parametrize("nested", [False, True])

@@ -14,11 +14,10 @@
 
 from pathlib import Path
 
+import halfbyte.functional as F
 import pytest
 import torch
 from conftest import DEVICES, assert_same_bits, assert_same_values, bnb_or_skip, random_tensor
-
-import halfbyte.functional as F
 from halfbyte import QuantState
 from halfbyte import reference as R
 
@@ -35,12 +34,14 @@ def _halfbyte(case, kind, blocksize, device):
     code = F.create_dynamic_map().to(device)
     if kind == "8bit":
         q, absmax = torch.ops.halfbyte.quantize_blockwise(w, code, blocksize)
-        d = torch.ops.halfbyte.dequantize_blockwise(case["q"].to(device), case["absmax"].to(device), code, blocksize,
-                                                    w.dtype)
+        d = torch.ops.halfbyte.dequantize_blockwise(
+            case["q"].to(device), case["absmax"].to(device), code, blocksize, w.dtype
+        )
     else:
         q, absmax = torch.ops.halfbyte.quantize_4bit(w, blocksize, kind, torch.uint8)
-        d = torch.ops.halfbyte.dequantize_4bit(case["q"].to(device), case["absmax"].to(device), blocksize, kind,
-                                               list(w.shape), w.dtype)
+        d = torch.ops.halfbyte.dequantize_4bit(
+            case["q"].to(device), case["absmax"].to(device), blocksize, kind, list(w.shape), w.dtype
+        )
     return q.cpu(), absmax.cpu(), d.cpu()
 
 
@@ -138,13 +139,14 @@ def test_quantize_4bit_matches_installed_bitsandbytes(dtype, blocksize, quant_ty
     w.view(-1)[:blocksize] = 0.0  # one all-zero block
     for nested in (False, True):
         ours, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
-        theirs, their_state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
-                                                 compress_statistics=nested)
+        theirs, their_state = bnbF.quantize_4bit(
+            w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested
+        )
         if nested:
             assert_same_bits(state.offset, their_state.offset, "offset")
             assert_same_bits(state.state2.absmax, their_state.state2.absmax, "state2 absmax")
             assert_same_bits(state.state2.code, their_state.state2.code, "state2 code")
-            scaled = (state.state2.absmax.repeat_interleave(256)[: state.absmax.numel()])
+            scaled = state.state2.absmax.repeat_interleave(256)[: state.absmax.numel()]
             values = (R.block_absmax(w.reshape(-1).float(), blocksize) - state.offset) / scaled
             _assert_only_nearer_codes(values, state.absmax, their_state.absmax, state.state2.code)
         else:

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from halfbyte import memory
 from halfbyte.__main__ import main
 
@@ -53,9 +52,14 @@ def test_memory_of_a_size_in_billions_and_of_a_config_file(tmp_path, capsys):
     assert report["params"] == 2 * per_layer + 2 * 1000 * 4096 + 5 * 4096
 
 
-@pytest.mark.parametrize("args,message", [(["memory", "--params", "-1"], "positive"),
-                                          (["memory", "--config", "/nonexistent"], "no config.json"),
-                                          (["memory", "--blocksize", "48"], "power of two")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["memory", "--params", "-1"], "positive"),
+        (["memory", "--config", "/nonexistent"], "no config.json"),
+        (["memory", "--blocksize", "48"], "power of two"),
+    ],
+)
 def test_bad_arguments_exit_with_a_message(args, message):
     result = run(*args)
     assert result.returncode == 2 and message in result.stderr

@@ -2,12 +2,11 @@
 and the current stream. (Per-op parity with the reference runs on CUDA through the `device` parameter of
 the other test files.)"""
 
+import halfbyte
+import halfbyte.functional as F
 import pytest
 import torch
 from conftest import assert_same_bits, assert_same_values, random_tensor
-
-import halfbyte
-import halfbyte.functional as F
 
 pytestmark = pytest.mark.cuda
 
@@ -36,7 +35,7 @@ def test_cuda_equals_cpu_on_large_odd_tensors(dtype, blocksize):
 def test_unaligned_input_pointer():
     base = random_tensor((4096 * 3 + 7,), torch.bfloat16, "cuda")
     for offset in (1, 2, 3, 5):
-        A = base[offset:offset + 4096 * 2]
+        A = base[offset : offset + 4096 * 2]
         cpu = torch.ops.halfbyte.quantize_4bit(A.cpu(), 64, "nf4", torch.uint8)
         gpu = torch.ops.halfbyte.quantize_4bit(A, 64, "nf4", torch.uint8)
         assert_same_bits(gpu[0].cpu(), cpu[0])
@@ -82,8 +81,9 @@ def test_matmul_capture_and_compile_reduce_overhead(M):
     torch.cuda.synchronize()
     assert_same_bits(static_out, eager)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a: halfbyte.matmul_4bit(a, packed.t(), state), fullgraph=True,
-                             mode="reduce-overhead")
+    compiled = torch.compile(
+        lambda a: halfbyte.matmul_4bit(a, packed.t(), state), fullgraph=True, mode="reduce-overhead"
+    )
     for _ in range(3):
         result = compiled(x)
     assert_same_bits(result, eager)
@@ -96,6 +96,7 @@ def test_ops_run_on_the_current_stream():
         packed, absmax = torch.ops.halfbyte.quantize_4bit(A, 64, "nf4", torch.uint8)
         out = torch.ops.halfbyte.dequantize_4bit(packed, absmax, 64, "nf4", [4096, 4096], torch.bfloat16)
     stream.synchronize()
-    ref = torch.ops.halfbyte.dequantize_4bit(*torch.ops.halfbyte.quantize_4bit(A, 64, "nf4", torch.uint8), 64, "nf4",
-                                             [4096, 4096], torch.bfloat16)
+    ref = torch.ops.halfbyte.dequantize_4bit(
+        *torch.ops.halfbyte.quantize_4bit(A, 64, "nf4", torch.uint8), 64, "nf4", [4096, 4096], torch.bfloat16
+    )
     assert_same_bits(out, ref)

@@ -2,12 +2,11 @@
 
 import json
 
+import halfbyte
+import halfbyte.functional as F
 import pytest
 import torch
 from conftest import DEVICES, assert_same_bits, random_tensor
-
-import halfbyte
-import halfbyte.functional as F
 from halfbyte import QuantState
 from halfbyte import reference as R
 
@@ -27,8 +26,9 @@ def test_quantize_4bit_state_and_round_trip(device, quant_type, nested):
     if nested:
         assert state.absmax.dtype == torch.uint8 and state.state2.blocksize == 256
         assert_same_bits(state.offset, raw_absmax.mean(), "offset is absmax.mean()")
-        codes, absmax2 = torch.ops.halfbyte.quantize_blockwise(raw_absmax - raw_absmax.mean(), F.create_dynamic_map()
-                                                               .to(device), 256)
+        codes, absmax2 = torch.ops.halfbyte.quantize_blockwise(
+            raw_absmax - raw_absmax.mean(), F.create_dynamic_map().to(device), 256
+        )
         assert_same_bits(state.absmax, codes)
         assert_same_bits(state.state2.absmax, absmax2)
     else:
@@ -50,7 +50,10 @@ def test_nested_dequantize_equals_plain_with_the_dequantized_absmax():
 
 def test_quantize_nf4_fp4_shortcuts_and_storage():
     A = random_tensor((64, 64), torch.float16)
-    for quant, dequant, quant_type in ((F.quantize_nf4, F.dequantize_nf4, "nf4"), (F.quantize_fp4, F.dequantize_fp4, "fp4")):
+    for quant, dequant, quant_type in (
+        (F.quantize_nf4, F.dequantize_nf4, "nf4"),
+        (F.quantize_fp4, F.dequantize_fp4, "fp4"),
+    ):
         packed, state = quant(A, quant_storage=torch.bfloat16)
         assert packed.dtype == torch.bfloat16 and state.quant_type == quant_type
         assert_same_bits(dequant(packed, state), F.dequantize_4bit(packed, state))
@@ -84,8 +87,13 @@ def test_dequantize_4bit_of_transposed_packed_bytes_is_transposed_like_bitsandby
 
 @pytest.mark.parametrize(
     "blocksize,nf4_abs,nf4_rel,fp4_abs,fp4_rel",
-    [(32, 0.0682, 0.1919, 0.0896, 0.2448), (64, 0.0733, 0.2057, 0.0973, 0.2628), (128, 0.0775, 0.2180, 0.1039, 0.2788),
-     (256, 0.0811, 0.2289, 0.1100, 0.2933), (4096, 0.0951, 0.2695, 0.1338, 0.3458)],
+    [
+        (32, 0.0682, 0.1919, 0.0896, 0.2448),
+        (64, 0.0733, 0.2057, 0.0973, 0.2628),
+        (128, 0.0775, 0.2180, 0.1039, 0.2788),
+        (256, 0.0811, 0.2289, 0.1100, 0.2933),
+        (4096, 0.0951, 0.2695, 0.1338, 0.3458),
+    ],
 )
 def test_error_within_bitsandbytes_bounds(blocksize, nf4_abs, nf4_rel, fp4_abs, fp4_rel):
     # The bounds bitsandbytes' own tests hold (shared/COMPAT.md), on 1024x1024 N(0, 1).
@@ -180,12 +188,22 @@ def test_equality_is_bitwise():
     [
         (lambda d: d.pop("absmax"), "missing keys \\['absmax'\\]"),
         (lambda d: d.pop("quant_state.bitsandbytes__nf4"), "found neither"),
-        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", d["quant_state.bitsandbytes__nf4"][:-7]), "not valid JSON"),
-        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", torch.tensor(list(b'{"quant_type": "nf4"}'), dtype=torch.uint8)),
-         "missing keys"),
+        (
+            lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", d["quant_state.bitsandbytes__nf4"][:-7]),
+            "not valid JSON",
+        ),
+        (
+            lambda d: d.__setitem__(
+                "quant_state.bitsandbytes__nf4", torch.tensor(list(b'{"quant_type": "nf4"}'), dtype=torch.uint8)
+            ),
+            "missing keys",
+        ),
         (lambda d: d.pop("nested_absmax"), "missing keys \\['nested_absmax'\\]"),
         (lambda d: d.__setitem__("bogus", torch.zeros(1)), "unexpected keys"),
-        (lambda d: d.__setitem__("quant_state.bitsandbytes__xx4", d.pop("quant_state.bitsandbytes__nf4")), "exactly one key"),
+        (
+            lambda d: d.__setitem__("quant_state.bitsandbytes__xx4", d.pop("quant_state.bitsandbytes__nf4")),
+            "exactly one key",
+        ),
     ],
 )
 def test_from_dict_rejects_truncated_or_corrupted_state(mutate, message):

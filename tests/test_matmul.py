@@ -5,12 +5,11 @@ round the dequantized weight to the activation dtype and round the output to it;
 order adds ~1e-6.
 """
 
+import halfbyte
+import halfbyte.functional as F
 import pytest
 import torch
 from conftest import DEVICES, random_tensor
-
-import halfbyte
-import halfbyte.functional as F
 from halfbyte import reference as R
 from halfbyte.autograd import gemm_4bit_args
 
@@ -31,8 +30,16 @@ def _reference(A, packed, state, bias=None):
     args, nested = gemm_4bit_args(packed, state)
     nested = {k: v.cpu() for k, v in nested.items()}
     B, shapeB, absmax, blocksize, quant_type = args
-    return R.gemm_4bit(A.cpu(), B.cpu(), shapeB, absmax.cpu(), blocksize, quant_type,
-                       bias.cpu() if bias is not None else None, **nested)
+    return R.gemm_4bit(
+        A.cpu(),
+        B.cpu(),
+        shapeB,
+        absmax.cpu(),
+        blocksize,
+        quant_type,
+        bias.cpu() if bias is not None else None,
+        **nested,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -116,8 +123,9 @@ def test_gradients_for_input_and_bias(device, nested):
 def test_gradient_with_checkpointing_and_batch_dims():
     packed, state = _weight(32, 64, 64, "nf4", True, "cpu")
     A = random_tensor((2, 5, 64), torch.float32).requires_grad_()
-    out = torch.utils.checkpoint.checkpoint(lambda x: halfbyte.matmul_4bit(x, packed, state).relu().sum(), A,
-                                            use_reentrant=False)
+    out = torch.utils.checkpoint.checkpoint(
+        lambda x: halfbyte.matmul_4bit(x, packed, state).relu().sum(), A, use_reentrant=False
+    )
     out.backward()
     A_ref = A.detach().clone().requires_grad_()
     torch.nn.functional.linear(A_ref, F.dequantize_4bit(packed, state)).relu().sum().backward()

@@ -4,11 +4,10 @@ The reference is the statement of the algorithm; the kernels must produce the sa
 blocksize, quant_type, storage dtype, odd size and memory layout.
 """
 
+import halfbyte.functional as F
 import pytest
 import torch
 from conftest import DEVICES, assert_same_bits, assert_same_values, random_tensor
-
-import halfbyte.functional as F
 from halfbyte import reference as R
 
 SIZES = [1, 2, 31, 33, 64, 4097, 23 * 311]  # odd, tiny, not multiples of any blocksize
@@ -41,7 +40,7 @@ def test_quant_storage_holds_the_same_bytes(device, storage):
         assert packed.dtype == storage and packed.shape == (R.packed_storage_elements(n, itemsize), 1)
         raw = packed.reshape(-1).view(torch.uint8)
         assert_same_bits(raw[: plain.numel()], plain.reshape(-1), f"storage {storage} n={n}")
-        assert torch.all(raw[plain.numel():] == 0), "padding bytes of the last storage element are zero"
+        assert torch.all(raw[plain.numel() :] == 0), "padding bytes of the last storage element are zero"
         out = torch.ops.halfbyte.dequantize_4bit(packed, absmax, 64, "nf4", [n], torch.bfloat16)
         assert_same_bits(out, torch.ops.halfbyte.dequantize_4bit(plain, absmax, 64, "nf4", [n], torch.bfloat16))
 
@@ -98,8 +97,10 @@ def test_non_contiguous_and_multidimensional_inputs(device):
         assert_same_bits(absmax, ref_absmax)
         codes, absmax8 = torch.ops.halfbyte.quantize_blockwise(A, F.create_dynamic_map().to(device), 64)
         assert codes.shape == A.shape
-        assert_same_bits(codes.contiguous(), torch.ops.halfbyte.quantize_blockwise(
-            A.contiguous(), F.create_dynamic_map().to(device), 64)[0])
+        assert_same_bits(
+            codes.contiguous(),
+            torch.ops.halfbyte.quantize_blockwise(A.contiguous(), F.create_dynamic_map().to(device), 64)[0],
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,8 +133,9 @@ def test_special_values_stay_inside_their_block(device):
         assert torch.isnan(absmax[1]) and torch.all(torch.isnan(out[1]))
         assert torch.isinf(absmax[2]) and not torch.isfinite(out[2]).any()
         assert torch.isfinite(out[[0, 3, 4, 5]]).all(), "non-finite values leaked out of their block"
-        ref = R.dequantize_4bit(*R.quantize_4bit(x.cpu(), 64, quant_type, torch.uint8), 64, quant_type,
-                                [x.numel()], torch.float32)
+        ref = R.dequantize_4bit(
+            *R.quantize_4bit(x.cpu(), 64, quant_type, torch.uint8), 64, quant_type, [x.numel()], torch.float32
+        )
         assert_same_values(out.reshape(-1), ref)
 
 
@@ -158,15 +160,18 @@ def test_opcheck_every_op():
     calls = [
         (torch.ops.halfbyte.quantize_4bit.default, (A, 64, "nf4", torch.uint8)),
         (torch.ops.halfbyte.dequantize_4bit.default, (packed, absmax, 64, "nf4", [24, 80], torch.bfloat16)),
-        (torch.ops.halfbyte.dequantize_4bit.out,
-         (packed, absmax, 64, "nf4", [24, 80], torch.bfloat16, torch.empty(24, 80, dtype=torch.bfloat16))),
+        (
+            torch.ops.halfbyte.dequantize_4bit.out,
+            (packed, absmax, 64, "nf4", [24, 80], torch.bfloat16, torch.empty(24, 80, dtype=torch.bfloat16)),
+        ),
         (torch.ops.halfbyte.quantize_blockwise.default, (A, code, 64)),
         (torch.ops.halfbyte.dequantize_blockwise.default, (codes, absmax8, code, 64, torch.float32)),
-        (torch.ops.halfbyte.dequantize_blockwise.out,
-         (codes, absmax8, code, 64, torch.float32, torch.empty(24, 80))),
+        (torch.ops.halfbyte.dequantize_blockwise.out, (codes, absmax8, code, 64, torch.float32, torch.empty(24, 80))),
         (torch.ops.halfbyte.gemm_4bit.default, (x, packed, [24, 80], absmax, 64, "nf4")),
-        (torch.ops.halfbyte.gemm_4bit.default,
-         (x, packed, [24, 80], nested_absmax, 64, "nf4", None, nested_codes, code, absmax.mean())),
+        (
+            torch.ops.halfbyte.gemm_4bit.default,
+            (x, packed, [24, 80], nested_absmax, 64, "nf4", None, nested_codes, code, absmax.mean()),
+        ),
         (torch.ops.halfbyte.gemv_4bit.default, (x, packed, [24, 80], absmax, F.get_4bit_type("nf4"), 64)),
     ]
     for op, args in calls:

@@ -7,8 +7,12 @@ bitsandbytes' byte formats.
 
 import torch  # noqa: F401  (loads libtorch before the native library)
 
-from . import _C  # noqa: F401  (registers torch.ops.halfbyte.*)
-from . import _ops, functional, reference  # noqa: F401
+from . import (  # noqa: F401
+    _C,  # noqa: F401  (registers torch.ops.halfbyte.*)
+    _ops,
+    functional,
+    reference,
+)
 from .autograd import matmul_4bit
 from .quant_state import QuantState
 

@@ -41,7 +41,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     errors = mem.measured_errors(blocksize=args_memory.blocksize)
     if args_memory.json:
-        print(json.dumps({"model": model.name, "params": model.total, "memory": mem.memory_table(model, args_memory.blocksize), "errors": errors}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": model.name,
+                    "params": model.total,
+                    "memory": mem.memory_table(model, args_memory.blocksize),
+                    "errors": errors,
+                },
+                indent=2,
+            )
+        )
     else:
         print(mem.format_report(model, args_memory.blocksize, errors))
     return 0

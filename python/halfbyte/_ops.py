@@ -48,8 +48,10 @@ def _check_packed(op: str, name: str, packed: torch.Tensor, n: int) -> None:
     expected = _packed_elements(n, packed.element_size())
     torch._check_value(
         packed.numel() == expected,
-        lambda: f"{op}: {name} holds {packed.numel()} elements of {packed.dtype} but {n} 4-bit codes need "
-        f"{expected} (size does not match shape)",
+        lambda: (
+            f"{op}: {name} holds {packed.numel()} elements of {packed.dtype} but {n} 4-bit codes need "
+            f"{expected} (size does not match shape)"
+        ),
     )
 
 
@@ -173,7 +175,8 @@ def _(A, B, shapeB, absmax, code, blocksize, out):
     op = "halfbyte::gemv_4bit"
     _gemm_checks(op, A, B, shapeB, blocksize)
     torch._check_value(
-        tuple(out.shape) == (*A.shape[:-1], shapeB[0]), lambda: f"{op}: out must have shape {[*A.shape[:-1], shapeB[0]]}"
+        tuple(out.shape) == (*A.shape[:-1], shapeB[0]),
+        lambda: f"{op}: out must have shape {[*A.shape[:-1], shapeB[0]]}",
     )
 
 

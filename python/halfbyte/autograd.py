@@ -24,7 +24,9 @@ def gemm_4bit_args(B: torch.Tensor, quant_state: QuantState) -> tuple:
             raise ValueError(
                 f"matmul_4bit: double quantization must use blocks of 256, got {quant_state.state2.blocksize}"
             )
-        nested = dict(absmax_8bit=quant_state.absmax, absmax_code=quant_state.state2.code, absmax_offset=quant_state.offset)
+        nested = dict(
+            absmax_8bit=quant_state.absmax, absmax_code=quant_state.state2.code, absmax_offset=quant_state.offset
+        )
         absmax = quant_state.state2.absmax
     return (B.reshape(-1, 1), list(quant_state.shape), absmax, quant_state.blocksize, quant_state.quant_type), nested
 

@@ -12,8 +12,10 @@ import functools
 
 import torch
 
-from . import _ops  # noqa: F401  (fake kernels + autograd)
-from . import reference
+from . import (
+    _ops,  # noqa: F401  (fake kernels + autograd)
+    reference,
+)
 from .quant_state import QuantState, pack_dict_to_tensor, unpack_tensor_to_dict
 
 __all__ = [
@@ -178,7 +180,9 @@ def quantize_4bit(
     _check_blocksize("quantize_4bit", blocksize)
     _check_quant_type("quantize_4bit", quant_type)
     if quant_storage not in reference.STORAGE_DTYPES:
-        raise TypeError(f"quantize_4bit: quant_storage must be uint8, float16, bfloat16 or float32, got {quant_storage}")
+        raise TypeError(
+            f"quantize_4bit: quant_storage must be uint8, float16, bfloat16 or float32, got {quant_storage}"
+        )
     packed, block_absmax = torch.ops.halfbyte.quantize_4bit(A, blocksize, quant_type, quant_storage)
     code = _code(quant_type, A.device)
     if compress_statistics:

@@ -107,7 +107,9 @@ def memory_table(model: ModelParams, blocksize: int = 64) -> list[dict]:
     for precision in PRECISIONS:
         other = model.other * (4 if precision == "FP32" else 2)
         total = weight_bytes(model.linear, precision, blocksize) + other
-        rows.append({"precision": precision, "bytes": total, "gib": total / GIB, "bits_per_param": 8 * total / model.total})
+        rows.append(
+            {"precision": precision, "bytes": total, "gib": total / GIB, "bits_per_param": 8 * total / model.total}
+        )
     return rows
 
 
@@ -121,7 +123,13 @@ def measured_errors(size: int = 1024, blocksize: int = 64, seed: int = 0) -> lis
 
     def record(name, approx):
         diff = (x - approx).abs()
-        rows.append({"format": name, "mean_abs_err": diff.mean().item(), "mean_rel_err": (diff / (x.abs() + 1e-8)).mean().item()})
+        rows.append(
+            {
+                "format": name,
+                "mean_abs_err": diff.mean().item(),
+                "mean_rel_err": (diff / (x.abs() + 1e-8)).mean().item(),
+            }
+        )
 
     scale = x.abs().amax(dim=1, keepdim=True) / 127.0
     record("INT8 (row-wise absmax)", (x / scale).round().clamp(-127, 127) * scale)
@@ -150,8 +158,10 @@ def format_report(model: ModelParams, blocksize: int, errors: list[dict]) -> str
     lines = [f"Memory of {model.name}: {model.total / 1e9:.2f}B parameters", ""]
     lines.append(f"{'precision':<10} {'GiB':>8} {'GB':>8} {'bits/param':>11}")
     for row in memory_table(model, blocksize):
-        lines.append(f"{row['precision']:<10} {row['gib']:>8.2f} {row['bytes'] / 1e9:>8.2f} {row['bits_per_param']:>11.3f}")
-    lines += ["", f"Quantization error on N(0,1) data (1024x1024), measured:"]
+        lines.append(
+            f"{row['precision']:<10} {row['gib']:>8.2f} {row['bytes'] / 1e9:>8.2f} {row['bits_per_param']:>11.3f}"
+        )
+    lines += ["", "Quantization error on N(0,1) data (1024x1024), measured:"]
     lines.append(f"{'format':<28} {'mean abs err':>13} {'mean rel err':>13}")
     for row in errors:
         lines.append(f"{row['format']:<28} {row['mean_abs_err']:>13.4f} {row['mean_rel_err']:>13.4f}")

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One command on the GPU machine: build halfbyte from source, run the CUDA tests and the GoogleTest binary,
+# compute-sanitizer (memcheck, racecheck) on the CUDA kernels' small cases, and the benchmarks beside
+# bitsandbytes. Logs and JSON go into the results folder; a summary is printed last.
+#
+#   bash benchmarks/gpu_check.sh RESULTS_DIR [--no-bench]
+#
+# bitsandbytes is used when importable; carry it as .bnb/bitsandbytes (the package from its PyPI wheel,
+# with libbitsandbytes_cuda130.so; never committed) and it is put on PYTHONPATH.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+results="${1:?usage: gpu_check.sh RESULTS_DIR [--no-bench]}"
+bench=1
+[ "${2:-}" = "--no-bench" ] && bench=0
+mkdir -p "$results"
+results="$(cd "$results" && pwd)"
+export PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"
+declare -A status
+
+step() {  # step NAME LOGFILE COMMAND...
+  local name="$1" log="$2"
+  shift 2
+  local t0=$SECONDS
+  echo "== $name" >&2
+  if "$@" > "$results/$log" 2>&1; then status[$name]="ok ($((SECONDS - t0)) s)"; else status[$name]="FAILED ($((SECONDS - t0)) s, see $log)"; fi
+}
+
+if [ -d .bnb/bitsandbytes ]; then export PYTHONPATH="$PWD/.bnb${PYTHONPATH:+:$PYTHONPATH}"; fi
+if "$py" -c "import bitsandbytes" > /dev/null 2>&1; then
+  bnb_line="bitsandbytes $("$py" -c 'import bitsandbytes; print(bitsandbytes.__version__)' 2>/dev/null | tail -1): compared"
+else
+  bnb_line="bitsandbytes NOT importable: parity tests skip and benchmark columns stay empty"
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nvcc --version | tail -1
+  echo "$bnb_line"
+} > "$results/env.txt" 2>&1
+
+export HALFBYTE_CUDA=ON HALFBYTE_CUDA_ARCHS="${HALFBYTE_CUDA_ARCHS:-80-real;90-real}"
+step build build.log "$py" -m pip install --no-build-isolation --no-deps -v .
+step pytest pytest.log "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests
+step pytest_large pytest_large.log "$py" -m pytest -q -p no:cacheprovider -m slow -k cuda tests
+
+gtest_build="build/gpu-ctest"
+step gtest_build gtest_build.log bash -c "cmake -S . -B $gtest_build -G Ninja -DHALFBYTE_BUILD_TESTS=ON -DHALFBYTE_CUDA=ON \
+  -DHALFBYTE_CUDA_ARCHS='$HALFBYTE_CUDA_ARCHS' -DPython_EXECUTABLE=$(command -v "$py") \
+  -Dpybind11_DIR=\$($py -c 'import pybind11; print(pybind11.get_cmake_dir())') && cmake --build $gtest_build --target halfbyte_core_tests"
+step gtest gtest.log "$gtest_build/halfbyte_core_tests"
+sanitize_filter="Cuda*:*Cuda*"
+step memcheck sanitizer_memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
+  "$gtest_build/halfbyte_core_tests" --gtest_filter="$sanitize_filter" --gtest_brief=1
+step racecheck sanitizer_racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 \
+  "$gtest_build/halfbyte_core_tests" --gtest_filter="$sanitize_filter" --gtest_brief=1
+
+if [ "$bench" = 1 ]; then
+  step bench_quantize bench_quantize.log "$py" benchmarks/bench_quantize_cuda.py --json "$results/quantize.json"
+  step bench_gemm bench_gemm.log "$py" benchmarks/bench_gemm_4bit_cuda.py --batches "${GEMM_BATCHES:-1,4,16,64,256,2048}" \
+    --json "$results/gemm.json"
+fi
+
+echo
+echo "==================== summary ($results) ===================="
+cat "$results/env.txt"
+grep -E "passed|failed|error" "$results/pytest.log" | tail -1 | sed 's/^/pytest: /'
+grep -E "passed|failed|error" "$results/pytest_large.log" | tail -1 | sed 's/^/pytest (slow, cuda): /'
+grep -E "PASSED|FAILED" "$results/gtest.log" | tail -2 | sed 's/^/gtest: /'
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$results"/sanitizer_*.log | sed 's/^/sanitizer: /'
+for name in build pytest pytest_large gtest_build gtest memcheck racecheck bench_quantize bench_gemm; do
+  [ -n "${status[$name]:-}" ] && printf '%-15s %s\n' "$name" "${status[$name]}"
+done
+if [ "$bench" = 1 ]; then
+  grep -E "^\|" "$results/bench_quantize.log"
+  grep -E "^\|" "$results/bench_gemm.log"
+fi
+failed=0
+for name in "${!status[@]}"; do [[ "${status[$name]}" == FAILED* ]] && failed=1; done
+exit $failed

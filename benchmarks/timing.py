@@ -1,0 +1,89 @@
+"""GPU timing shared by the benchmarks: CUDA events around CUDA-graph replays (or plain launches when a
+library cannot be captured), median of many repeats, and the device-to-device copy bandwidth."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def median_us_per_call(calls: Sequence[Callable[[], object]], repeats: int = 50, graph: bool = True) -> float:
+    """Median microseconds of one call, timing a pass over `calls` (e.g. one per weight copy, so the data
+    is not served from L2). With graph=True the pass is captured once and replayed; if capture fails
+    (a library that copies from the host), the calls are launched eagerly instead."""
+    for call in calls:  # warm-up: module loading, caches, autotuning
+        call()
+    torch.cuda.synchronize()
+    run = None
+    if graph:
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for call in calls:
+                    call()
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for call in calls:
+                    call()
+            run = g.replay
+        except RuntimeError:
+            torch.cuda.synchronize()
+            run = None
+    if run is None:
+
+        def run():
+            for call in calls:
+                call()
+
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / len(calls))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = median_us_per_call([lambda: dst.copy_(src)], repeats=20, graph=False)
+    return 2 * nbytes / us / 1e3
+
+
+def environment() -> dict:
+    import subprocess
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        driver = "unknown"
+    return {
+        "gpu": props.name,
+        "sms": props.multi_processor_count,
+        "driver": driver,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+    }
+
+
+def bitsandbytes_or_none():
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401
+
+        return bitsandbytes
+    except Exception as error:  # noqa: BLE001  (any import failure means: run without it, and say so)
+        print(f"bitsandbytes not importable ({type(error).__name__}: {error}); its columns are left empty")
+        return None
