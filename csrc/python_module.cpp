@@ -20,8 +20,9 @@ bool built_with_cuda() {
 }
 
 std::vector<std::string> compiled_kernels() {
-  std::vector<std::string> kernels = {"cpu:quantize_4bit",      "cpu:dequantize_4bit", "cpu:quantize_blockwise",
-                                      "cpu:dequantize_blockwise", "cpu:gemm_4bit",       "cpu:gemv_4bit"};
+  std::vector<std::string> kernels = {"cpu:quantize_4bit",      "cpu:dequantize_4bit",
+                                      "cpu:quantize_blockwise", "cpu:dequantize_blockwise",
+                                      "cpu:gemm_4bit",          "cpu:gemv_4bit"};
 #ifdef HALFBYTE_WITH_CUDA
   for (const char* name : {"cuda:quantize_4bit", "cuda:dequantize_4bit", "cuda:quantize_blockwise",
                            "cuda:dequantize_blockwise", "cuda:gemm_4bit", "cuda:gemv_4bit"}) {
@@ -36,7 +37,8 @@ std::vector<std::string> compiled_kernels() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "halfbyte native library: registers torch.ops.halfbyte.* and reports build information";
   m.attr("__version__") = HALFBYTE_VERSION;
-  m.def("version", []() { return std::string(HALFBYTE_VERSION); }, "halfbyte version the library was built as");
+  m.def(
+      "version", []() { return std::string(HALFBYTE_VERSION); }, "halfbyte version the library was built as");
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled");
   m.def(
       "cuda_archs", []() { return built_with_cuda() ? std::string(HALFBYTE_CUDA_ARCHS_STR) : std::string(); },

@@ -3,8 +3,8 @@
 // rcp.approx depends only on the mantissa of its input (the exponent shifts the result), and differs
 // from the correctly rounded reciprocal by at most one unit in the last place. The table
 // halfbyte_rcp_delta_table (2 bits per mantissa, 2 MiB, embedded at build time from
-// python/halfbyte/data/rcp_approx_delta.bin.zlib) holds that difference + 1 for each of the 2^23 mantissas; it was
-// measured on an H100 by tools/make_rcp_table.py and is checked against the GPU by the CUDA tests.
+// python/halfbyte/data/rcp_approx_delta.bin.zlib) holds that difference + 1 for each of the 2^23 mantissas;
+// it was measured on an H100 by tools/make_rcp_table.py and is checked against the GPU by the CUDA tests.
 // Special cases follow the .ftz rules: zero and subnormal inputs give infinity, infinity gives zero,
 // results that would be subnormal are flushed to zero.
 #include <cstdint>
@@ -20,7 +20,7 @@ float host_reciprocal_approx(float m) {
   const uint32_t bits = float_to_bits(m);
   const uint32_t sign = bits & 0x80000000u;
   const uint32_t magnitude = bits & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) return bits_to_float(0x7fffffffu);      // NaN
+  if (magnitude > 0x7f800000u) return bits_to_float(0x7fffffffu);         // NaN
   if (magnitude < 0x00800000u) return bits_to_float(sign | 0x7f800000u);  // zero / subnormal -> inf
   if (magnitude == 0x7f800000u) return bits_to_float(sign);               // inf -> 0
   const float ieee = 1.0f / m;
@@ -40,6 +40,7 @@ __asm__(
     ".type halfbyte_rcp_delta_table, @object\n"
     ".balign 64\n"
     "halfbyte_rcp_delta_table:\n"
-    ".incbin \"" HALFBYTE_RCP_TABLE_PATH "\"\n"
+    ".incbin \"" HALFBYTE_RCP_TABLE_PATH
+    "\"\n"
     ".size halfbyte_rcp_delta_table, 2097152\n"
     ".previous\n");

@@ -18,21 +18,22 @@ namespace {
 int64_t grain_in_blocks(int64_t blocksize) { return std::max<int64_t>(1, 32768 / blocksize); }
 
 const float* table_4bit_cpu(QuantType type) {
-  static const float nf4[16] = {nf4_level(0),  nf4_level(1),  nf4_level(2),  nf4_level(3), nf4_level(4),
-                                nf4_level(5),  nf4_level(6),  nf4_level(7),  nf4_level(8), nf4_level(9),
-                                nf4_level(10), nf4_level(11), nf4_level(12), nf4_level(13), nf4_level(14),
-                                nf4_level(15)};
-  static const float fp4[16] = {fp4_level(0),  fp4_level(1),  fp4_level(2),  fp4_level(3), fp4_level(4),
-                                fp4_level(5),  fp4_level(6),  fp4_level(7),  fp4_level(8), fp4_level(9),
-                                fp4_level(10), fp4_level(11), fp4_level(12), fp4_level(13), fp4_level(14),
-                                fp4_level(15)};
+  static const float nf4[16] = {nf4_level(0),  nf4_level(1),  nf4_level(2),  nf4_level(3),
+                                nf4_level(4),  nf4_level(5),  nf4_level(6),  nf4_level(7),
+                                nf4_level(8),  nf4_level(9),  nf4_level(10), nf4_level(11),
+                                nf4_level(12), nf4_level(13), nf4_level(14), nf4_level(15)};
+  static const float fp4[16] = {fp4_level(0),  fp4_level(1),  fp4_level(2),  fp4_level(3),
+                                fp4_level(4),  fp4_level(5),  fp4_level(6),  fp4_level(7),
+                                fp4_level(8),  fp4_level(9),  fp4_level(10), fp4_level(11),
+                                fp4_level(12), fp4_level(13), fp4_level(14), fp4_level(15)};
   return type == QuantType::kNF4 ? nf4 : fp4;
 }
 
 const uint8_t* bytes_of(const at::Tensor& t) { return static_cast<const uint8_t*>(t.const_data_ptr()); }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_t blocksize,
-                                                     c10::string_view quant_type, at::ScalarType quant_storage) {
+                                                     c10::string_view quant_type,
+                                                     at::ScalarType quant_storage) {
   QuantizePlan p = plan_quantize_4bit(A, blocksize, std::string(quant_type), quant_storage);
   const void* in = p.input.const_data_ptr();
   float* absmax = p.absmax.data_ptr<float>();
@@ -87,9 +88,10 @@ void dequantize_blockwise_into(const DequantizePlan& p, const at::Tensor& code, 
   const float* scales = p.absmax.const_data_ptr<float>();
   const float* table = code_c.const_data_ptr<float>();
   void* dst = p.out.data_ptr();
-  at::parallel_for(0, block_count(p.n, blocksize), grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    cpu::dequantize_blockwise_8bit(codes, scales, table, p.n, blocksize, p.dtype, dst, begin, end);
-  });
+  at::parallel_for(
+      0, block_count(p.n, blocksize), grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+        cpu::dequantize_blockwise_8bit(codes, scales, table, p.n, blocksize, p.dtype, dst, begin, end);
+      });
 }
 
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
@@ -106,25 +108,17 @@ void dequantize_blockwise_out_cpu(const at::Tensor& A, const at::Tensor& absmax,
 }
 
 // Dequantized [N, K] weight in `dtype`, with the block scales resolved (nested -> float32).
-at::Tensor dequantized_weight(const GemmPlan& p, const at::Tensor& absmax, const float* table, int64_t blocksize,
-                              const c10::optional<at::Tensor>& absmax_8bit,
-                              const c10::optional<at::Tensor>& absmax_code,
-                              const c10::optional<at::Tensor>& absmax_offset, at::ScalarType dtype) {
-  at::Tensor scales = absmax.contiguous();
-  if (p.nested) {
-    DequantizePlan nested =
-        plan_dequantize_blockwise(*absmax_8bit, absmax, *absmax_code, kNestedBlocksize, at::kFloat, {});
-    dequantize_blockwise_into(nested, *absmax_code, kNestedBlocksize);
-    scales = nested.out.add_(*absmax_offset);
-  }
+at::Tensor dequantized_weight(const GemmPlan& p, const at::Tensor& scales, const float* table,
+                              int64_t blocksize, at::ScalarType dtype) {
   at::Tensor weight = at::empty({p.N, p.K}, p.A2.options().dtype(dtype));
   dequantize_4bit_into(p.B, scales, table, p.N * p.K, blocksize, to_dtype(dtype), weight);
   return weight;
 }
 
-at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
-                         int64_t blocksize, c10::string_view quant_type, const c10::optional<at::Tensor>& bias,
-                         const c10::optional<at::Tensor>& absmax_8bit, const c10::optional<at::Tensor>& absmax_code,
+at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                         const at::Tensor& absmax, int64_t blocksize, c10::string_view quant_type,
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& absmax_8bit,
+                         const c10::optional<at::Tensor>& absmax_code,
                          const c10::optional<at::Tensor>& absmax_offset) {
   const char* op = "halfbyte::gemm_4bit";
   check_blocksize(op, blocksize);
@@ -132,36 +126,23 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayR
   GemmPlan p = plan_gemm_4bit(op, A, B, shapeB, bias);
   p.nested = check_gemm_scales(op, absmax, block_count(p.N * p.K, blocksize), absmax_8bit, absmax_code,
                                absmax_offset, A);
-  const at::Tensor weight = dequantized_weight(p, absmax, table_4bit_cpu(type), blocksize, absmax_8bit,
-                                               absmax_code, absmax_offset, A.scalar_type());
+  const at::Tensor scales =
+      resolved_scales(p.nested, absmax, absmax_8bit, absmax_code, absmax_offset, dequantize_blockwise_into);
+  const at::Tensor weight = dequantized_weight(p, scales, table_4bit_cpu(type), blocksize, A.scalar_type());
   return at::linear(p.A2, weight, bias).view(p.out_shape);
 }
 
-at::Tensor gemv_4bit_impl(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
-                          const at::Tensor& code, int64_t blocksize) {
-  const char* op = "halfbyte::gemv_4bit";
-  check_blocksize(op, blocksize);
-  GemmPlan p = plan_gemm_4bit(op, A, B, shapeB, {});
-  check_absmax(op, absmax, block_count(p.N * p.K, blocksize), A);
-  check_same_device(op, "code", code, A);
-  TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat && code.numel() == 16, op,
-              ": code must be a float32 tensor of 16 levels, got ", code.scalar_type(), " with ", code.numel());
-  const at::Tensor table = code.contiguous();
-  const at::Tensor weight = dequantized_weight(p, absmax, table.const_data_ptr<float>(), blocksize, {}, {}, {},
-                                               A.scalar_type());
-  return at::linear(p.A2, weight).view(p.out_shape);
+at::Tensor gemv_4bit_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                         const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+  const GemvPlan p = plan_gemv_4bit(A, B, shapeB, absmax, code, blocksize);
+  const at::Tensor weight = dequantized_weight(p.gemm, absmax.contiguous(), p.table.const_data_ptr<float>(),
+                                               blocksize, A.scalar_type());
+  return at::linear(p.gemm.A2, weight).view(p.gemm.out_shape);
 }
 
-at::Tensor gemv_4bit_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
-                         const at::Tensor& code, int64_t blocksize) {
-  return gemv_4bit_impl(A, B, shapeB, absmax, code, blocksize);
-}
-
-void gemv_4bit_out_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
-                       const at::Tensor& code, int64_t blocksize, at::Tensor out) {
-  const at::Tensor result = gemv_4bit_impl(A, B, shapeB, absmax, code, blocksize);
-  check_out("halfbyte::gemv_4bit.out", out, result.sizes(), A.scalar_type(), A);
-  out.copy_(result);
+void gemv_4bit_out_cpu(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                       const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize, at::Tensor out) {
+  write_gemv_out(gemv_4bit_cpu(A, B, shapeB, absmax, code, blocksize), A, out);
 }
 
 }  // namespace

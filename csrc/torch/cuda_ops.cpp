@@ -33,7 +33,8 @@ const float* table_4bit_cuda(QuantType type) {
 const uint8_t* bytes_of(const at::Tensor& t) { return static_cast<const uint8_t*>(t.const_data_ptr()); }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
-                                                      c10::string_view quant_type, at::ScalarType quant_storage) {
+                                                      c10::string_view quant_type,
+                                                      at::ScalarType quant_storage) {
   const c10::cuda::CUDAGuard guard(A.device());
   QuantizePlan p = plan_quantize_4bit(A, blocksize, std::string(quant_type), quant_storage);
   check_cuda(cuda::quantize_4bit(p.input.const_data_ptr(), p.dtype, p.n, blocksize, p.type,
@@ -45,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
 
 void dequantize_4bit_into(const at::Tensor& packed, const at::Tensor& absmax, const float* table, int64_t n,
                           int64_t blocksize, DType dtype, at::Tensor& out) {
-  check_cuda(cuda::dequantize_4bit(bytes_of(packed), absmax.const_data_ptr<float>(), table, n, blocksize, dtype,
-                                   out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  check_cuda(cuda::dequantize_4bit(bytes_of(packed), absmax.const_data_ptr<float>(), table, n, blocksize,
+                                   dtype, out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
              "halfbyte::dequantize_4bit");
 }
 
@@ -107,7 +108,8 @@ struct GemmScales {
 };
 
 GemmScales gemm_scales(const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax_8bit,
-                       const c10::optional<at::Tensor>& absmax_code, const c10::optional<at::Tensor>& absmax_offset) {
+                       const c10::optional<at::Tensor>& absmax_code,
+                       const c10::optional<at::Tensor>& absmax_offset) {
   GemmScales s;
   s.keep_alive[0] = absmax.contiguous();
   if (!absmax_8bit.has_value()) {
@@ -124,8 +126,9 @@ GemmScales gemm_scales(const at::Tensor& absmax, const c10::optional<at::Tensor>
 }
 
 // out = A @ W^T (+ bias) for a validated plan, choosing the kernel by the number of rows.
-at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const float* table, int64_t blocksize,
-                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& absmax_8bit,
+at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const float* table,
+                              int64_t blocksize, const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& absmax_8bit,
                               const c10::optional<at::Tensor>& absmax_code,
                               const c10::optional<at::Tensor>& absmax_offset) {
   const at::ScalarType dtype = p.A2.scalar_type();
@@ -133,28 +136,23 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
     at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
     const GemmScales s = gemm_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-    check_cuda(cuda::gemm_4bit(p.A2.const_data_ptr(), to_dtype(dtype), p.M, p.K, p.M > 1 ? p.A2.stride(0) : p.K,
-                               bytes_of(p.B), s.scales, table, p.N, blocksize,
+    check_cuda(cuda::gemm_4bit(p.A2.const_data_ptr(), to_dtype(dtype), p.M, p.K,
+                               p.M > 1 ? p.A2.stride(0) : p.K, bytes_of(p.B), s.scales, table, p.N, blocksize,
                                bias_c.defined() ? bias_c.const_data_ptr() : nullptr, out.data_ptr(),
                                c10::cuda::getCurrentCUDAStream()),
                "halfbyte::gemm_4bit");
     return out.view(p.out_shape);
   }
-  at::Tensor scales = absmax.contiguous();
-  if (p.nested) {
-    DequantizePlan nested =
-        plan_dequantize_blockwise(*absmax_8bit, absmax, *absmax_code, kNestedBlocksize, at::kFloat, {});
-    dequantize_blockwise_into(nested, *absmax_code, kNestedBlocksize);
-    scales = nested.out.add_(*absmax_offset);
-  }
+  const at::Tensor scales =
+      resolved_scales(p.nested, absmax, absmax_8bit, absmax_code, absmax_offset, dequantize_blockwise_into);
   at::Tensor weight = at::empty({p.N, p.K}, p.A2.options());
   dequantize_4bit_into(p.B, scales, table, p.N * p.K, blocksize, to_dtype(dtype), weight);
   return at::linear(p.A2, weight, bias).view(p.out_shape);
 }
 
-at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
-                          int64_t blocksize, c10::string_view quant_type, const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& absmax_8bit,
+at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                          const at::Tensor& absmax, int64_t blocksize, c10::string_view quant_type,
+                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& absmax_8bit,
                           const c10::optional<at::Tensor>& absmax_code,
                           const c10::optional<at::Tensor>& absmax_offset) {
   const char* op = "halfbyte::gemm_4bit";
@@ -168,31 +166,16 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArray
                             absmax_offset);
 }
 
-at::Tensor gemv_4bit_impl(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
-                          const at::Tensor& code, int64_t blocksize) {
-  const char* op = "halfbyte::gemv_4bit";
-  check_blocksize(op, blocksize);
-  GemmPlan p = plan_gemm_4bit(op, A, B, shapeB, {});
-  check_absmax(op, absmax, block_count(p.N * p.K, blocksize), A);
-  check_same_device(op, "code", code, A);
-  TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat && code.numel() == 16, op,
-              ": code must be a float32 tensor of 16 levels, got ", code.scalar_type(), " with ", code.numel());
-  const at::Tensor table = code.contiguous();
-  return gemm_4bit_dispatch(p, absmax, table.const_data_ptr<float>(), blocksize, {}, {}, {}, {});
-}
-
 at::Tensor gemv_4bit_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
                           const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
   const c10::cuda::CUDAGuard guard(A.device());
-  return gemv_4bit_impl(A, B, shapeB, absmax, code, blocksize);
+  const GemvPlan p = plan_gemv_4bit(A, B, shapeB, absmax, code, blocksize);
+  return gemm_4bit_dispatch(p.gemm, absmax, p.table.const_data_ptr<float>(), blocksize, {}, {}, {}, {});
 }
 
-void gemv_4bit_out_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB, const at::Tensor& absmax,
-                        const at::Tensor& code, int64_t blocksize, at::Tensor out) {
-  const c10::cuda::CUDAGuard guard(A.device());
-  const at::Tensor result = gemv_4bit_impl(A, B, shapeB, absmax, code, blocksize);
-  check_out("halfbyte::gemv_4bit.out", out, result.sizes(), A.scalar_type(), A);
-  out.copy_(result);
+void gemv_4bit_out_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                        const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize, at::Tensor out) {
+  write_gemv_out(gemv_4bit_cuda(A, B, shapeB, absmax, code, blocksize), A, out);
 }
 
 }  // namespace

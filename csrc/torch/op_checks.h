@@ -21,7 +21,7 @@ inline DType to_dtype(at::ScalarType t) {
 
 inline void check_float_input(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), op, ": ", name,
-              " must be float16, bfloat16 or float32, got ", t.scalar_type());
+                   " must be float16, bfloat16 or float32, got ", t.scalar_type());
 }
 
 inline void check_output_dtype(const char* op, at::ScalarType dtype) {
@@ -30,7 +30,7 @@ inline void check_output_dtype(const char* op, at::ScalarType dtype) {
 
 inline void check_blocksize(const char* op, int64_t blocksize) {
   TORCH_CHECK_VALUE(is_valid_blocksize(blocksize), op,
-              ": blocksize must be a power of two from 32 to 4096, got ", blocksize);
+                    ": blocksize must be a power of two from 32 to 4096, got ", blocksize);
 }
 
 inline QuantType parse_quant_type(const char* op, const std::string& quant_type) {
@@ -41,7 +41,7 @@ inline QuantType parse_quant_type(const char* op, const std::string& quant_type)
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), " like A, got ",
-              t.device());
+                    t.device());
 }
 
 inline int64_t block_count(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
@@ -57,16 +57,17 @@ inline void check_absmax(const char* op, const at::Tensor& absmax, int64_t expec
                          const at::Tensor& A, const char* name = "absmax") {
   check_same_device(op, name, absmax, A);
   TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
-              absmax.scalar_type());
+                   absmax.scalar_type());
   TORCH_CHECK_VALUE(absmax.numel() == expected_blocks, op, ": ", name, " must have ", expected_blocks,
-              " entries (one per block), got ", absmax.numel());
+                    " entries (one per block), got ", absmax.numel());
 }
 
-inline void check_code256(const char* op, const at::Tensor& code, const at::Tensor& A, const char* name = "code") {
+inline void check_code256(const char* op, const at::Tensor& code, const at::Tensor& A,
+                          const char* name = "code") {
   check_same_device(op, name, code, A);
   TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat && code.numel() == 256, op, ": ", name,
-              " must be a float32 tensor of 256 entries, got ", code.scalar_type(), " with ", code.numel(),
-              " entries");
+                    " must be a float32 tensor of 256 entries, got ", code.scalar_type(), " with ",
+                    code.numel(), " entries");
 }
 
 inline int64_t shape_numel(const char* op, at::IntArrayRef shape) {
@@ -83,17 +84,17 @@ inline void check_packed(const char* op, const at::Tensor& packed, int64_t n, co
                          const char* name = "A") {
   check_same_device(op, name, packed, A);
   const int64_t itemsize = packed.element_size();
-  TORCH_CHECK_VALUE(packed.numel() == packed_storage_elements(n, itemsize), op, ": ", name, " holds ", packed.numel(),
-              " elements of ", packed.scalar_type(), " but ", n, " 4-bit codes need ",
-              packed_storage_elements(n, itemsize), " (size does not match shape)");
+  TORCH_CHECK_VALUE(packed.numel() == packed_storage_elements(n, itemsize), op, ": ", name, " holds ",
+                    packed.numel(), " elements of ", packed.scalar_type(), " but ", n, " 4-bit codes need ",
+                    packed_storage_elements(n, itemsize), " (size does not match shape)");
 }
 
 // Per-block scales of a 4-bit weight for gemm_4bit: plain float absmax, or double-quantized
 // (absmax_8bit codes + nested absmax per 256 + code + offset). Returns whether they are nested.
 inline bool check_gemm_scales(const char* op, const at::Tensor& absmax, int64_t blocks,
-                                   const c10::optional<at::Tensor>& absmax_8bit,
-                                   const c10::optional<at::Tensor>& absmax_code,
-                                   const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& A) {
+                              const c10::optional<at::Tensor>& absmax_8bit,
+                              const c10::optional<at::Tensor>& absmax_code,
+                              const c10::optional<at::Tensor>& absmax_offset, const at::Tensor& A) {
   if (!absmax_8bit.has_value()) {
     check_absmax(op, absmax, blocks, A);
     return false;
@@ -101,32 +102,32 @@ inline bool check_gemm_scales(const char* op, const at::Tensor& absmax, int64_t 
   const at::Tensor& codes = *absmax_8bit;
   check_same_device(op, "absmax_8bit", codes, A);
   TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte && codes.numel() == blocks, op,
-              ": absmax_8bit must be uint8 with one entry per block (", blocks, "), got ", codes.scalar_type(),
-              " with ", codes.numel());
+                    ": absmax_8bit must be uint8 with one entry per block (", blocks, "), got ",
+                    codes.scalar_type(), " with ", codes.numel());
   check_absmax(op, absmax, block_count(blocks, kNestedBlocksize), A, "absmax (nested, one per 256 blocks)");
   TORCH_CHECK_VALUE(absmax_code.has_value(), op, ": absmax_code is required when absmax_8bit is given");
   check_code256(op, *absmax_code, A, "absmax_code");
   TORCH_CHECK_VALUE(absmax_offset.has_value(), op, ": absmax_offset is required when absmax_8bit is given");
   check_same_device(op, "absmax_offset", *absmax_offset, A);
   TORCH_CHECK_VALUE(absmax_offset->scalar_type() == at::kFloat && absmax_offset->numel() == 1, op,
-              ": absmax_offset must be a float32 scalar, got ", absmax_offset->scalar_type(), " with ",
-              absmax_offset->numel(), " entries");
+                    ": absmax_offset must be a float32 scalar, got ", absmax_offset->scalar_type(), " with ",
+                    absmax_offset->numel(), " entries");
   return true;
 }
 
-inline void check_gemm_operands(const char* op, const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
-                                const c10::optional<at::Tensor>& bias) {
+inline void check_gemm_operands(const char* op, const at::Tensor& A, const at::Tensor& B,
+                                at::IntArrayRef shapeB, const c10::optional<at::Tensor>& bias) {
   check_float_input(op, "A", A);
   TORCH_CHECK_VALUE(shapeB.size() == 2, op, ": shapeB must be [N, K], got ", shapeB);
   TORCH_CHECK_VALUE(A.dim() >= 1 && A.size(-1) == shapeB[1], op, ": A's last dimension (",
-              A.dim() >= 1 ? A.size(-1) : -1, ") must equal K = shapeB[1] (", shapeB[1], ")");
+                    A.dim() >= 1 ? A.size(-1) : -1, ") must equal K = shapeB[1] (", shapeB[1], ")");
   check_packed(op, B, shape_numel(op, shapeB), A, "B");
   if (bias.has_value()) {
     check_same_device(op, "bias", *bias, A);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == shapeB[0], op, ": bias must have shape [", shapeB[0],
-                "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == shapeB[0], op, ": bias must have shape [",
+                      shapeB[0], "], got ", bias->sizes());
     TORCH_CHECK_TYPE(bias->scalar_type() == A.scalar_type(), op, ": bias dtype (", bias->scalar_type(),
-                ") must match A (", A.scalar_type(), ")");
+                     ") must match A (", A.scalar_type(), ")");
   }
 }
 

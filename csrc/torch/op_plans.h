@@ -29,9 +29,9 @@ inline QuantizePlan plan_quantize_4bit(const at::Tensor& A, int64_t blocksize, c
   check_blocksize(op, blocksize);
   QuantizePlan p;
   p.type = parse_quant_type(op, quant_type);
-  TORCH_CHECK_VALUE(quant_storage == at::kByte || quant_storage == at::kHalf || quant_storage == at::kBFloat16 ||
-                  quant_storage == at::kFloat,
-              op, ": quant_storage must be uint8, float16, bfloat16 or float32, got ", quant_storage);
+  TORCH_CHECK_VALUE(quant_storage == at::kByte || quant_storage == at::kHalf ||
+                        quant_storage == at::kBFloat16 || quant_storage == at::kFloat,
+                    op, ": quant_storage must be uint8, float16, bfloat16 or float32, got ", quant_storage);
   p.input = A.contiguous();
   p.n = A.numel();
   p.blocks = block_count(p.n, blocksize);
@@ -72,7 +72,8 @@ struct DequantizePlan {
 inline void check_out(const char* op, const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
                       const at::Tensor& A) {
   TORCH_CHECK_VALUE(out.sizes() == shape, op, ": out must have shape ", shape, ", got ", out.sizes());
-  TORCH_CHECK_TYPE(out.scalar_type() == dtype, op, ": out must have dtype ", dtype, ", got ", out.scalar_type());
+  TORCH_CHECK_TYPE(out.scalar_type() == dtype, op, ": out must have dtype ", dtype, ", got ",
+                   out.scalar_type());
   check_same_device(op, "out", out, A);
   TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
 }
@@ -101,8 +102,8 @@ inline DequantizePlan plan_dequantize_4bit(const at::Tensor& A, const at::Tensor
 }
 
 inline DequantizePlan plan_dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
-                                                const at::Tensor& code, int64_t blocksize, at::ScalarType dtype,
-                                                const c10::optional<at::Tensor>& out) {
+                                                const at::Tensor& code, int64_t blocksize,
+                                                at::ScalarType dtype, const c10::optional<at::Tensor>& out) {
   const char* op = "halfbyte::dequantize_blockwise";
   TORCH_CHECK_TYPE(A.scalar_type() == at::kByte, op, ": A must be uint8 codes, got ", A.scalar_type());
   check_blocksize(op, blocksize);
@@ -131,8 +132,8 @@ struct GemmPlan {
   bool nested = false;
 };
 
-inline GemmPlan plan_gemm_4bit(const char* op, const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
-                               const c10::optional<at::Tensor>& bias) {
+inline GemmPlan plan_gemm_4bit(const char* op, const at::Tensor& A, const at::Tensor& B,
+                               at::IntArrayRef shapeB, const c10::optional<at::Tensor>& bias) {
   check_gemm_operands(op, A, B, shapeB, bias);
   GemmPlan p;
   p.N = shapeB[0];
@@ -145,6 +146,48 @@ inline GemmPlan plan_gemm_4bit(const char* op, const at::Tensor& A, const at::Te
   p.out_shape = A.sizes().vec();
   p.out_shape.back() = p.N;
   return p;
+}
+
+// gemv_4bit: gemm_4bit with a caller-given 16-level table (`code`) and plain absmax.
+struct GemvPlan {
+  GemmPlan gemm;
+  at::Tensor table;  // contiguous float32 [16]
+};
+
+inline GemvPlan plan_gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                               const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+  const char* op = "halfbyte::gemv_4bit";
+  check_blocksize(op, blocksize);
+  GemvPlan p{plan_gemm_4bit(op, A, B, shapeB, {}), at::Tensor()};
+  check_absmax(op, absmax, block_count(p.gemm.N * p.gemm.K, blocksize), A);
+  check_same_device(op, "code", code, A);
+  TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat && code.numel() == 16, op,
+                    ": code must be a float32 tensor of 16 levels, got ", code.scalar_type(), " with ",
+                    code.numel());
+  p.table = code.contiguous();
+  return p;
+}
+
+// Copies a computed gemv result into the caller's `out` after checking it.
+inline void write_gemv_out(const at::Tensor& result, const at::Tensor& A, at::Tensor& out) {
+  check_out("halfbyte::gemv_4bit.out", out, result.sizes(), A.scalar_type(), A);
+  out.copy_(result);
+}
+
+// Float32 per-block scales of a 4-bit weight: the absmax itself, or for double quantization
+// code[absmax_8bit[b]] * absmax[b / 256] + offset, the product computed by the backend's
+// `dequantize_blockwise_into(plan, code, blocksize)` and the offset added in float32.
+template <class DequantizeBlockwiseInto>
+at::Tensor resolved_scales(bool nested, const at::Tensor& absmax,
+                           const c10::optional<at::Tensor>& absmax_8bit,
+                           const c10::optional<at::Tensor>& absmax_code,
+                           const c10::optional<at::Tensor>& absmax_offset,
+                           DequantizeBlockwiseInto&& dequantize_blockwise_into) {
+  if (!nested) return absmax.contiguous();
+  DequantizePlan plan =
+      plan_dequantize_blockwise(*absmax_8bit, absmax, *absmax_code, kNestedBlocksize, at::kFloat, {});
+  dequantize_blockwise_into(plan, *absmax_code, kNestedBlocksize);
+  return plan.out.add_(*absmax_offset);
 }
 
 }  // namespace halfbyte::ops

@@ -87,7 +87,8 @@ TEST(Reciprocal, ExactOnPowersOfTwoWithinOneUlpElsewhere) {
   for (uint32_t mantissa = 0; mantissa < (1u << 23); mantissa += 997) {
     const float m = bits_to_float(0x3f800000u | mantissa);
     const float r = reciprocal_like_cuda(m);
-    const int64_t ulps = static_cast<int64_t>(float_to_bits(r)) - static_cast<int64_t>(float_to_bits(1.0f / m));
+    const int64_t ulps =
+        static_cast<int64_t>(float_to_bits(r)) - static_cast<int64_t>(float_to_bits(1.0f / m));
     EXPECT_LE(std::abs(ulps), 1);
     deviating += ulps != 0;
     // The exponent only shifts the result.

@@ -28,12 +28,13 @@ TEST(CpuKernels, Quantize4bitFollowsTheRulesElementByElement) {
       const int64_t blocks = blocks_of(n, blocksize);
       std::vector<float> absmax(blocks);
       std::vector<uint8_t> packed((n + 1) / 2);
-      cpu::quantize_4bit(x.data(), DType::kFloat32, n, blocksize, QuantType::kNF4, absmax.data(), packed.data(), 0,
-                         blocks);
+      cpu::quantize_4bit(x.data(), DType::kFloat32, n, blocksize, QuantType::kNF4, absmax.data(),
+                         packed.data(), 0, blocks);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = i / blocksize;
         float m = 0.0f;
-        for (int64_t j = b * blocksize; j < std::min(n, (b + 1) * blocksize); ++j) m = std::max(m, std::fabs(x[j]));
+        for (int64_t j = b * blocksize; j < std::min(n, (b + 1) * blocksize); ++j)
+          m = std::max(m, std::fabs(x[j]));
         ASSERT_EQ(absmax[b], m);
         const uint8_t expected = quantize_nf4(multiply_like_cuda(x[i], reciprocal_like_cuda(m)));
         const uint8_t code = (i % 2 == 0) ? packed[i / 2] >> 4 : packed[i / 2] & 15;
@@ -49,9 +50,11 @@ TEST(CpuKernels, BlockRangesAreIndependent) {
   const auto x = normal_values(n, 7);
   std::vector<float> a1(blocks), a2(blocks);
   std::vector<uint8_t> p1((n + 1) / 2), p2((n + 1) / 2);
-  cpu::quantize_4bit(x.data(), DType::kFloat32, n, blocksize, QuantType::kFP4, a1.data(), p1.data(), 0, blocks);
+  cpu::quantize_4bit(x.data(), DType::kFloat32, n, blocksize, QuantType::kFP4, a1.data(), p1.data(), 0,
+                     blocks);
   for (int64_t b = blocks; b-- > 0;) {  // one block at a time, backwards
-    cpu::quantize_4bit(x.data(), DType::kFloat32, n, blocksize, QuantType::kFP4, a2.data(), p2.data(), b, b + 1);
+    cpu::quantize_4bit(x.data(), DType::kFloat32, n, blocksize, QuantType::kFP4, a2.data(), p2.data(), b,
+                       b + 1);
   }
   EXPECT_EQ(0, std::memcmp(a1.data(), a2.data(), blocks * sizeof(float)));
   EXPECT_EQ(p1, p2);
@@ -64,9 +67,10 @@ TEST(CpuKernels, DequantizeInvertsQuantizeWithinHalfAStep) {
   std::vector<uint8_t> packed((n + 1) / 2);
   float table[16];
   for (int c = 0; c < 16; ++c) table[c] = nf4_level(c);
-  cpu::quantize_4bit(x.data(), DType::kFloat32, n, blocksize, QuantType::kNF4, absmax.data(), packed.data(), 0,
-                     blocks);
-  cpu::dequantize_4bit(packed.data(), absmax.data(), table, n, blocksize, DType::kFloat32, out.data(), 0, blocks);
+  cpu::quantize_4bit(x.data(), DType::kFloat32, n, blocksize, QuantType::kNF4, absmax.data(), packed.data(),
+                     0, blocks);
+  cpu::dequantize_4bit(packed.data(), absmax.data(), table, n, blocksize, DType::kFloat32, out.data(), 0,
+                       blocks);
   float largest_gap = 0.0f;
   for (int c = 1; c < 16; ++c) largest_gap = std::max(largest_gap, nf4_level(c) - nf4_level(c - 1));
   for (int64_t i = 0; i < n; ++i) {
@@ -92,7 +96,8 @@ TEST(CpuKernels, HalfInputsGiveTheSameCodesAsTheirFloatValues) {
     std::vector<uint8_t> codes(n);
     std::vector<float> code(256);
     for (int i = 0; i < 256; ++i) code[i] = -1.0f + 2.0f * i / 255.0f;
-    cpu::quantize_blockwise_8bit(input, dtype, n, blocksize, code.data(), absmax.data(), codes.data(), 0, blocks);
+    cpu::quantize_blockwise_8bit(input, dtype, n, blocksize, code.data(), absmax.data(), codes.data(), 0,
+                                 blocks);
     return codes;
   };
   EXPECT_EQ(quantize(bf16.data(), DType::kBFloat16), quantize(bf16_as_float.data(), DType::kFloat32));
@@ -106,9 +111,10 @@ TEST(CpuKernels, Dequantize8bitWritesCodeTimesAbsmaxInTheOutputDtype) {
   for (int i = 0; i < 256; ++i) code[i] = i / 255.0f;
   for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(i * 7);
   std::vector<uint16_t> out(n);
-  cpu::dequantize_blockwise_8bit(codes.data(), absmax.data(), code.data(), n, blocksize, DType::kBFloat16, out.data(),
-                                 0, 2);
-  for (int64_t i = 0; i < n; ++i) EXPECT_EQ(out[i], float_to_bf16(code[codes[i]] * absmax[i / blocksize])) << i;
+  cpu::dequantize_blockwise_8bit(codes.data(), absmax.data(), code.data(), n, blocksize, DType::kBFloat16,
+                                 out.data(), 0, 2);
+  for (int64_t i = 0; i < n; ++i)
+    EXPECT_EQ(out[i], float_to_bf16(code[codes[i]] * absmax[i / blocksize])) << i;
 }
 
 }  // namespace

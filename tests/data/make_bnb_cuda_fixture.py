@@ -12,10 +12,9 @@ subnormal blocks, and the double quantization of an absmax vector.
 
 import sys
 
-import torch
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
+import torch
 
 torch.manual_seed(1234)
 device = "cuda"

@@ -66,22 +66,38 @@ enum class QuantType : int32_t { kNF4 = 0, kFP4 = 1 };
 // The 16 NF4 levels, ascending; code 7 is exactly 0.
 constexpr HB_HOST_DEVICE float nf4_level(int code) {
   switch (code & 15) {
-    case 0: return -1.0f;
-    case 1: return -0.6961928009986877f;
-    case 2: return -0.5250730514526367f;
-    case 3: return -0.39491748809814453f;
-    case 4: return -0.28444138169288635f;
-    case 5: return -0.18477343022823334f;
-    case 6: return -0.09105003625154495f;
-    case 7: return 0.0f;
-    case 8: return 0.07958029955625534f;
-    case 9: return 0.16093020141124725f;
-    case 10: return 0.24611230194568634f;
-    case 11: return 0.33791524171829224f;
-    case 12: return 0.44070982933044434f;
-    case 13: return 0.5626170039176941f;
-    case 14: return 0.7229568362236023f;
-    default: return 1.0f;
+    case 0:
+      return -1.0f;
+    case 1:
+      return -0.6961928009986877f;
+    case 2:
+      return -0.5250730514526367f;
+    case 3:
+      return -0.39491748809814453f;
+    case 4:
+      return -0.28444138169288635f;
+    case 5:
+      return -0.18477343022823334f;
+    case 6:
+      return -0.09105003625154495f;
+    case 7:
+      return 0.0f;
+    case 8:
+      return 0.07958029955625534f;
+    case 9:
+      return 0.16093020141124725f;
+    case 10:
+      return 0.24611230194568634f;
+    case 11:
+      return 0.33791524171829224f;
+    case 12:
+      return 0.44070982933044434f;
+    case 13:
+      return 0.5626170039176941f;
+    case 14:
+      return 0.7229568362236023f;
+    default:
+      return 1.0f;
   }
 }
 
@@ -91,14 +107,30 @@ constexpr HB_HOST_DEVICE float fp4_level(int code) {
   // Each magnitude is the correctly rounded float32 of raw / 12 (as bitsandbytes' tables hold them).
   float magnitude = 0.0f;
   switch (code & 7) {
-    case 0: magnitude = 0.0f; break;
-    case 1: magnitude = 0.0625f / 12.0f; break;
-    case 2: magnitude = 8.0f / 12.0f; break;
-    case 3: magnitude = 1.0f; break;
-    case 4: magnitude = 4.0f / 12.0f; break;
-    case 5: magnitude = 6.0f / 12.0f; break;
-    case 6: magnitude = 2.0f / 12.0f; break;
-    default: magnitude = 3.0f / 12.0f; break;
+    case 0:
+      magnitude = 0.0f;
+      break;
+    case 1:
+      magnitude = 0.0625f / 12.0f;
+      break;
+    case 2:
+      magnitude = 8.0f / 12.0f;
+      break;
+    case 3:
+      magnitude = 1.0f;
+      break;
+    case 4:
+      magnitude = 4.0f / 12.0f;
+      break;
+    case 5:
+      magnitude = 6.0f / 12.0f;
+      break;
+    case 6:
+      magnitude = 2.0f / 12.0f;
+      break;
+    default:
+      magnitude = 3.0f / 12.0f;
+      break;
   }
   return (code & 8) ? -magnitude : magnitude;
 }

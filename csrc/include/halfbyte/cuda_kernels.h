@@ -31,7 +31,8 @@ cudaError_t quantize_blockwise_8bit(const void* input, DType input_dtype, int64_
                                     const float* code, float* absmax, uint8_t* codes, cudaStream_t stream);
 
 cudaError_t dequantize_blockwise_8bit(const uint8_t* codes, const float* absmax, const float* code, int64_t n,
-                                      int64_t blocksize, DType output_dtype, void* output, cudaStream_t stream);
+                                      int64_t blocksize, DType output_dtype, void* output,
+                                      cudaStream_t stream);
 
 // Per-block scale of a 4-bit weight, plain or double-quantized:
 //   plain:  scale[b] = absmax[b]
