@@ -107,12 +107,12 @@ struct Case {
 
 std::string describe(const Case& c) {
   char buf[256];
-  std::snprintf(buf, sizeof(buf), "M=%lld N=%lld K=%lld lda=%lld bs=%lld %s %s %s %s a_off=%lld packed_off=%lld",
-                static_cast<long long>(c.M), static_cast<long long>(c.N), static_cast<long long>(c.K),
-                static_cast<long long>(c.lda), static_cast<long long>(c.blocksize),
-                c.qtype == QuantType::kNF4 ? "nf4" : "fp4", c.nested ? "nested" : "plain",
-                c.bias ? "bias" : "nobias", dtype_name(c.dtype), static_cast<long long>(c.a_offset),
-                static_cast<long long>(c.packed_offset));
+  std::snprintf(
+      buf, sizeof(buf), "M=%lld N=%lld K=%lld lda=%lld bs=%lld %s %s %s %s a_off=%lld packed_off=%lld",
+      static_cast<long long>(c.M), static_cast<long long>(c.N), static_cast<long long>(c.K),
+      static_cast<long long>(c.lda), static_cast<long long>(c.blocksize),
+      c.qtype == QuantType::kNF4 ? "nf4" : "fp4", c.nested ? "nested" : "plain", c.bias ? "bias" : "nobias",
+      dtype_name(c.dtype), static_cast<long long>(c.a_offset), static_cast<long long>(c.packed_offset));
   return buf;
 }
 
@@ -236,18 +236,19 @@ void run_case(const Case& c, uint64_t seed) {
   if (c.M * c.N > 0) ASSERT_EQ(cudaMemset(d_out.get(), 0xff, c.M * c.N * esize), cudaSuccess);
 
   const void* a_ptr = d_a.get<uint8_t>() + c.a_offset * esize;
-  ASSERT_EQ(cuda::gemm_4bit(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales, dw.table.get<float>(), c.N,
-                            c.blocksize, c.bias ? d_bias.get() : nullptr, d_out.get(), nullptr),
+  ASSERT_EQ(cuda::gemm_4bit(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales, dw.table.get<float>(),
+                            c.N, c.blocksize, c.bias ? d_bias.get() : nullptr, d_out.get(), nullptr),
             cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint8_t> out_bytes(c.M * c.N * esize);
   if (!out_bytes.empty()) {
-    ASSERT_EQ(cudaMemcpy(out_bytes.data(), d_out.get(), out_bytes.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(out_bytes.data(), d_out.get(), out_bytes.size(), cudaMemcpyDeviceToHost),
+              cudaSuccess);
   }
 
   // Reference: dequantized weights in float32 (level * scale), products and sums in double.
   std::vector<double> wrow(c.K);
-  const double unit = c.dtype == DType::kBFloat16 ? std::ldexp(1.0, -8)
+  const double unit = c.dtype == DType::kBFloat16  ? std::ldexp(1.0, -8)
                       : c.dtype == DType::kFloat16 ? std::ldexp(1.0, -11)
                                                    : 0.0;
   int64_t bad = 0;
@@ -276,8 +277,8 @@ void run_case(const Case& c, uint64_t seed) {
       const double err = std::fabs(got - ref);
       if (!(err <= tol)) {
         if (++bad <= 5) {
-          ADD_FAILURE() << "out[" << m << ", " << j << "] = " << got << ", reference " << ref << ", |err| " << err
-                        << " > tol " << tol;
+          ADD_FAILURE() << "out[" << m << ", " << j << "] = " << got << ", reference " << ref << ", |err| "
+                        << err << " > tol " << tol;
         }
       }
     }
@@ -285,19 +286,20 @@ void run_case(const Case& c, uint64_t seed) {
   EXPECT_EQ(bad, 0) << "mismatching outputs";
 }
 
-#define SKIP_WITHOUT_CUDA()                                      \
-  do {                                                           \
-    if (!cuda_available()) GTEST_SKIP() << "no CUDA device";     \
+#define SKIP_WITHOUT_CUDA()                                  \
+  do {                                                       \
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device"; \
   } while (0)
 
-// Every path: the FFMA kernel (float32 A, or M <= 3), the tensor-core kernel (16-bit A, M >= 4,
-// chunks of 16 rows), and the generic kernel (K % 32 != 0), for each dtype and M.
+// Every path for each dtype and M: K = 4096 + 64 takes the scale-after tensor-core kernel (16-bit
+// A, 2 <= M <= 16 per launch), K = 4096 + 32 the scale-before one (M >= 4) or the FFMA kernel,
+// K = 333 the generic kernel; float32 A and M = 1 take the FFMA kernel.
 TEST(CudaGemm4bit, EveryRowCountAndDtype) {
   SKIP_WITHOUT_CUDA();
   uint64_t seed = 1;
   for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
     for (int64_t M : {1, 2, 3, 4, 7, 8, 16, 17, 33}) {
-      for (int64_t K : {int64_t{4096 + 32}, int64_t{333}}) {
+      for (int64_t K : {int64_t{4096 + 64}, int64_t{4096 + 32}, int64_t{333}}) {
         Case c;
         c.M = M, c.N = 257, c.K = K, c.lda = K, c.blocksize = 64, c.bias = true, c.dtype = dtype;
         run_case(c, seed++);
@@ -312,7 +314,7 @@ TEST(CudaGemm4bit, BlocksizesAndOddK) {
   SKIP_WITHOUT_CUDA();
   uint64_t seed = 100;
   for (int64_t bs : {32, 64, 128, 256, 1024, 4096}) {
-    for (int64_t K : {32, 64, 100, 4096 + 32, 333}) {
+    for (int64_t K : {32, 64, 100, 4096 + 32, 4096 + 64, 333}) {
       for (int64_t M : {1, 3, 8, 16}) {
         Case c;
         c.M = M, c.N = 64 + 3, c.K = K, c.lda = K, c.blocksize = bs;
@@ -333,7 +335,7 @@ TEST(CudaGemm4bit, StridedAndUnalignedA) {
     for (int64_t M : {1, 2, 4, 16}) {
       for (int variant = 0; variant < 3; ++variant) {
         Case c;
-        c.M = M, c.N = 100, c.K = 4096 + 32, c.dtype = dtype, c.bias = variant != 1;
+        c.M = M, c.N = 100, c.K = 4096 + 64, c.dtype = dtype, c.bias = variant != 1;
         c.lda = variant == 0 ? c.K + 64 : c.K + 3;
         c.a_offset = variant == 2 ? 1 : 0;
         c.nested = variant == 1;
@@ -375,7 +377,7 @@ TEST(CudaGemm4bit, RandomCombinations) {
   std::mt19937_64 rng(12345);
   const int64_t Ms[] = {1, 2, 3, 4, 7, 8, 16, 17, 33};
   const int64_t Ns[] = {1, 3, 64, 257, 1000};
-  const int64_t Ks[] = {32, 64, 100, 4096 + 32, 333};
+  const int64_t Ks[] = {32, 64, 100, 4096 + 32, 4096 + 64, 333};
   const int64_t bss[] = {32, 64, 128, 256, 1024, 4096};
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   auto pick = [&rng](auto& arr) { return arr[rng() % (sizeof(arr) / sizeof(arr[0]))]; };
@@ -389,6 +391,22 @@ TEST(CudaGemm4bit, RandomCombinations) {
     c.lda = c.K + (stride == 2 ? 8 : stride == 3 ? 5 : 0);
     c.a_offset = rng() % 8 == 0 ? 3 : 0;
     run_case(c, 1000 + i);
+  }
+}
+
+// N > 8192: the tensor-core kernels with 8 warps per block (16 below), N not a multiple of 32.
+TEST(CudaGemm4bit, LargeN) {
+  SKIP_WITHOUT_CUDA();
+  uint64_t seed = 600;
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    for (int64_t M : {1, 5, 16}) {
+      for (bool nested : {false, true}) {
+        Case c;
+        c.M = M, c.N = 8192 + 40, c.K = 192, c.lda = 192, c.blocksize = 128, c.dtype = dtype, c.bias = true;
+        c.nested = nested;
+        run_case(c, seed++);
+      }
+    }
   }
 }
 
@@ -432,19 +450,20 @@ TEST(CudaGemm4bit, EmptyAndInvalidArguments) {
   EXPECT_EQ(cuda::gemm_4bit(buf.get(), DType::kBFloat16, 1, 64, 63, packed, plain, table, 8, 64, nullptr, out,
                             nullptr),
             cudaErrorInvalidValue);
-  EXPECT_EQ(cuda::gemm_4bit(buf.get(), DType::kBFloat16, -1, 64, 64, packed, plain, table, 8, 64, nullptr, out,
-                            nullptr),
+  EXPECT_EQ(cuda::gemm_4bit(buf.get(), DType::kBFloat16, -1, 64, 64, packed, plain, table, 8, 64, nullptr,
+                            out, nullptr),
             cudaErrorInvalidValue);
   cuda::BlockScales nested;
   nested.absmax_codes = packed;
-  EXPECT_EQ(cuda::gemm_4bit(buf.get(), DType::kBFloat16, 1, 64, 64, packed, nested, table, 8, 64, nullptr, out,
-                            nullptr),
+  EXPECT_EQ(cuda::gemm_4bit(buf.get(), DType::kBFloat16, 1, 64, 64, packed, nested, table, 8, 64, nullptr,
+                            out, nullptr),
             cudaErrorInvalidValue);
 }
 
 // Timing of the decode shapes (bf16, NF4, blocksize 64), not a correctness test: run with
-// --gtest_also_run_disabled_tests --gtest_filter='*Bandwidth*'. Rotates over enough weight copies
-// that they do not stay in L2; prints median microseconds and GB/s of the bytes that must move.
+// --gtest_also_run_disabled_tests --gtest_filter='*Bandwidth*'. Replays a CUDA graph of 20 launches
+// over enough weight copies that they do not stay in L2; prints the median microseconds per launch,
+// GB/s of the bytes that must move, and that rate as a share of the device-to-device copy rate.
 TEST(CudaGemm4bit, DISABLED_Bandwidth) {
   SKIP_WITHOUT_CUDA();
   struct Shape {
@@ -456,7 +475,31 @@ TEST(CudaGemm4bit, DISABLED_Bandwidth) {
   cudaEvent_t start, stop;
   ASSERT_EQ(cudaEventCreate(&start), cudaSuccess);
   ASSERT_EQ(cudaEventCreate(&stop), cudaSuccess);
-  std::printf("%-12s %3s %6s %10s %9s\n", "NxK", "M", "nested", "us", "GB/s");
+  // Copy bandwidth of this device (bytes read + written) as the reference rate.
+  double copy_gbps = 0.0;
+  {
+    const size_t bytes = size_t{512} << 20;
+    DeviceBuffer src(bytes), dst(bytes);
+    ASSERT_TRUE(src.ok() && dst.ok());
+    ASSERT_EQ(cudaMemset(src.get(), 1, bytes), cudaSuccess);
+    std::vector<float> times;
+    for (int rep = 0; rep < 12; ++rep) {
+      ASSERT_EQ(cudaEventRecord(start, stream), cudaSuccess);
+      ASSERT_EQ(cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream), cudaSuccess);
+      ASSERT_EQ(cudaEventRecord(stop, stream), cudaSuccess);
+      ASSERT_EQ(cudaEventSynchronize(stop), cudaSuccess);
+      float ms = 0;
+      ASSERT_EQ(cudaEventElapsedTime(&ms, start, stop), cudaSuccess);
+      if (rep >= 2) times.push_back(ms);
+    }
+    std::sort(times.begin(), times.end());
+    copy_gbps = 2.0 * bytes / (times[times.size() / 2] * 1e-3) * 1e-9;
+    cudaDeviceProp prop;
+    ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+    std::printf("%s, %d SMs; device-to-device copy %.0f GB/s (read + write)\n", prop.name,
+                prop.multiProcessorCount, copy_gbps);
+  }
+  std::printf("%-12s %3s %6s %10s %9s %7s\n", "NxK", "M", "nested", "us", "GB/s", "%copy");
   for (const Shape& s : shapes) {
     const int64_t n = s.N * s.K;
     const int64_t nblocks = n / 64;
@@ -503,28 +546,40 @@ TEST(CudaGemm4bit, DISABLED_Bandwidth) {
           } else {
             sc.absmax = absmax.get<float>() + cp * nblocks;
           }
-          return cuda::gemm_4bit(a.get(), DType::kBFloat16, M, s.K, s.K, packed.get<uint8_t>() + cp * (n / 2), sc,
-                                 table.get<float>(), s.N, 64, nullptr, out.get(), stream);
+          return cuda::gemm_4bit(a.get(), DType::kBFloat16, M, s.K, s.K, packed.get<uint8_t>() + cp * (n / 2),
+                                 sc, table.get<float>(), s.N, 64, nullptr, out.get(), stream);
         };
         for (int i = 0; i < 3; ++i) ASSERT_EQ(launch(i % copies), cudaSuccess);
+        // A CUDA graph of `inner` launches over rotating copies: times the kernels, not the host's
+        // launch overhead.
+        const int inner = 20;
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+        for (int i = 0; i < inner; ++i) ASSERT_EQ(launch(i % copies), cudaSuccess);
+        ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+        ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+        ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
         std::vector<float> times;
-        for (int rep = 0; rep < 30; ++rep) {
+        for (int rep = 0; rep < 25; ++rep) {
           ASSERT_EQ(cudaEventRecord(start, stream), cudaSuccess);
-          const int inner = 10;
-          for (int i = 0; i < inner; ++i) ASSERT_EQ(launch((rep * inner + i) % copies), cudaSuccess);
+          ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
           ASSERT_EQ(cudaEventRecord(stop, stream), cudaSuccess);
           ASSERT_EQ(cudaEventSynchronize(stop), cudaSuccess);
           float ms = 0;
           ASSERT_EQ(cudaEventElapsedTime(&ms, start, stop), cudaSuccess);
           times.push_back(ms * 1000.0f / inner);
         }
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
         std::sort(times.begin(), times.end());
         const double us = times[times.size() / 2];
         const double bytes = n / 2.0 + nblocks * (nested ? 1.0 : 4.0) + M * s.K * 2.0 + M * s.N * 2.0;
         char name[32];
-        std::snprintf(name, sizeof(name), "%lldx%lld", static_cast<long long>(s.N), static_cast<long long>(s.K));
-        std::printf("%-12s %3lld %6s %10.2f %9.0f\n", name, static_cast<long long>(M), nested ? "yes" : "no", us,
-                    bytes / us * 1e-3);
+        std::snprintf(name, sizeof(name), "%lldx%lld", static_cast<long long>(s.N),
+                      static_cast<long long>(s.K));
+        std::printf("%-12s %3lld %6s %10.2f %9.0f %6.1f%%\n", name, static_cast<long long>(M),
+                    nested ? "yes" : "no", us, bytes / us * 1e-3, 100.0 * bytes / us * 1e-3 / copy_gbps);
       }
     }
   }
