@@ -90,9 +90,12 @@ struct RawInput {
 
 uint32_t raw_from_float(float value, DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return float_to_bits(value);
-    case DType::kFloat16: return float_to_fp16(value);
-    case DType::kBFloat16: return float_to_bf16(value);
+    case DType::kFloat32:
+      return float_to_bits(value);
+    case DType::kFloat16:
+      return float_to_fp16(value);
+    case DType::kBFloat16:
+      return float_to_bf16(value);
   }
   return 0;
 }
@@ -109,7 +112,8 @@ void set_raw(RawInput& input, int64_t i, uint32_t raw) {
 RawInput encode(const std::vector<float>& values, DType dtype) {
   RawInput input{dtype, static_cast<int64_t>(values.size()), {}};
   input.bytes.resize(values.size() * dtype_size(dtype));
-  for (size_t i = 0; i < values.size(); ++i) set_raw(input, static_cast<int64_t>(i), raw_from_float(values[i], dtype));
+  for (size_t i = 0; i < values.size(); ++i)
+    set_raw(input, static_cast<int64_t>(i), raw_from_float(values[i], dtype));
   return input;
 }
 
@@ -128,9 +132,12 @@ struct NanPatterns {
 
 NanPatterns nan_patterns(DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return {0x7fc00000u, 0xffc00000u, 0x7fc01234u};
-    case DType::kFloat16: return {0x7e00u, 0xfe00u, 0x7e2bu};
-    case DType::kBFloat16: return {0x7fc0u, 0xffc0u, 0x7fd5u};
+    case DType::kFloat32:
+      return {0x7fc00000u, 0xffc00000u, 0x7fc01234u};
+    case DType::kFloat16:
+      return {0x7e00u, 0xfe00u, 0x7e2bu};
+    case DType::kBFloat16:
+      return {0x7fc0u, 0xffc0u, 0x7fd5u};
   }
   return {0, 0, 0};
 }
@@ -143,22 +150,22 @@ RawInput special_input(DType dtype, int64_t blocksize) {
   auto block = [&](int b, int64_t i) -> float& { return values[b * blocksize + i]; };
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < blocksize; ++i) {
-    block(0, i) = 0.0f;                                      // all zero: recip = inf, 0 * inf = NaN
-    block(1, i) = -0.0f;                                     // all negative zero
-    block(2, i) = (i % 2 ? -1.0f : 1.0f) * 1e-40f;          // float32 / bf16 subnormals: absmax 0
+    block(0, i) = 0.0f;                                            // all zero: recip = inf, 0 * inf = NaN
+    block(1, i) = -0.0f;                                           // all negative zero
+    block(2, i) = (i % 2 ? -1.0f : 1.0f) * 1e-40f;                 // float32 / bf16 subnormals: absmax 0
     block(3, i) = (i % 3 ? 1e-40f : 1.5e-38f) * (i % 2 ? -1 : 1);  // tiny normals and subnormals
-    block(4, i) = static_cast<float>(i % 7) / 6.0f - 0.5f;   // values with exact +-1 below
-    block(10, i) = (i % 2 ? -1.0f : 1.0f) * 3e-8f;           // fp16 subnormals
+    block(4, i) = static_cast<float>(i % 7) / 6.0f - 0.5f;         // values with exact +-1 below
+    block(10, i) = (i % 2 ? -1.0f : 1.0f) * 3e-8f;                 // fp16 subnormals
   }
   block(4, 3) = 1.0f;
   block(4, blocksize - 2) = -1.0f;
   for (int64_t i = 0; i < blocksize; ++i) block(5, i) = std::max(-0.9f, std::min(0.9f, block(5, i) * 0.3f));
   block(5, blocksize / 3) = -1.0f;  // -1 is the absmax
-  block(6, blocksize / 2) = inf;     // inf: recip 0, inf * 0 = NaN, dequantizes to NaN / inf
+  block(6, blocksize / 2) = inf;    // inf: recip 0, inf * 0 = NaN, dequantizes to NaN / inf
   block(7, 1) = -inf;
-  block(8, blocksize - 1) = 3e38f;   // huge absmax: small values scale to subnormals, flushed
-  block(9, 0) = 65504.0f;            // fp16 max
-  block(11, 5) = 1e30f;              // fp16: inf
+  block(8, blocksize - 1) = 3e38f;  // huge absmax: small values scale to subnormals, flushed
+  block(9, 0) = 65504.0f;           // fp16 max
+  block(11, 5) = 1e30f;             // fp16: inf
   RawInput input = encode(values, dtype);
   const NanPatterns nan = nan_patterns(dtype);
   // Block 7: -inf and a NaN; block 9: three NaNs (the last one's bits are the CPU's absmax).
@@ -212,7 +219,8 @@ RawInput threshold_input() {
     for (int c = 0; c < 8; ++c) sorted[c] = fp4_level(c);
     std::sort(sorted, sorted + 8);
     const float magnitude = sorted[r];
-    points.push_back(boundary([magnitude](float a) { return a < 0.0f || fp4_level(quantize_fp4(a)) < magnitude; }));
+    points.push_back(
+        boundary([magnitude](float a) { return a < 0.0f || fp4_level(quantize_fp4(a)) < magnitude; }));
   }
   std::vector<float> values;
   for (float t : points) {
@@ -290,8 +298,8 @@ std::vector<uint8_t> download(const void* device, size_t bytes) {
 // CPU's result with both kernels to every output dtype and compares. `offset` shifts every device
 // pointer by that many elements / bytes (misaligned pointers take the guarded path).
 void check_4bit(const RawInput& input, int64_t blocksize, QuantType type, int64_t offset = 0) {
-  SCOPED_TRACE(::testing::Message() << dtype_name(input.dtype) << " n=" << input.n << " blocksize=" << blocksize
-                                    << " " << type_name(type) << " offset=" << offset);
+  SCOPED_TRACE(::testing::Message() << dtype_name(input.dtype) << " n=" << input.n << " blocksize="
+                                    << blocksize << " " << type_name(type) << " offset=" << offset);
   const int64_t n = input.n;
   const int64_t blocks = (n + blocksize - 1) / blocksize;
   const int64_t packed_bytes = (n + 1) / 2;
@@ -299,8 +307,8 @@ void check_4bit(const RawInput& input, int64_t blocksize, QuantType type, int64_
 
   std::vector<float> cpu_absmax(blocks);
   std::vector<uint8_t> cpu_packed(packed_bytes);
-  cpu::quantize_4bit(input.bytes.data(), input.dtype, n, blocksize, type, cpu_absmax.data(), cpu_packed.data(), 0,
-                     blocks);
+  cpu::quantize_4bit(input.bytes.data(), input.dtype, n, blocksize, type, cpu_absmax.data(),
+                     cpu_packed.data(), 0, blocks);
 
   DeviceBuffer d_input((n + offset) * element);
   DeviceBuffer d_absmax(blocks * sizeof(float));
@@ -313,8 +321,8 @@ void check_4bit(const RawInput& input, int64_t blocksize, QuantType type, int64_
   ASSERT_NO_FATAL_FAILURE(upload(input.bytes.data(), input.bytes.size(), input_ptr));
   HB_CUDA_ASSERT(cudaMemset(d_absmax.get(), 0xAB, d_absmax.bytes()));
   HB_CUDA_ASSERT(cudaMemset(d_packed.get(), 0xCD, d_packed.bytes()));
-  HB_CUDA_ASSERT(
-      cuda::quantize_4bit(input_ptr, input.dtype, n, blocksize, type, d_absmax.get<float>(), packed_ptr, nullptr));
+  HB_CUDA_ASSERT(cuda::quantize_4bit(input_ptr, input.dtype, n, blocksize, type, d_absmax.get<float>(),
+                                     packed_ptr, nullptr));
   HB_CUDA_ASSERT(cudaDeviceSynchronize());
 
   const std::vector<uint8_t> gpu_absmax = download(d_absmax.get(), blocks * sizeof(float));
@@ -330,29 +338,32 @@ void check_4bit(const RawInput& input, int64_t blocksize, QuantType type, int64_
   DeviceBuffer d_table(sizeof(table));
   HB_CUDA_ASSERT(d_table.status());
   ASSERT_NO_FATAL_FAILURE(upload(table, sizeof(table), d_table.get()));
-  HB_CUDA_ASSERT(cudaMemcpy(d_absmax.get(), cpu_absmax.data(), blocks * sizeof(float), cudaMemcpyHostToDevice));
+  HB_CUDA_ASSERT(
+      cudaMemcpy(d_absmax.get(), cpu_absmax.data(), blocks * sizeof(float), cudaMemcpyHostToDevice));
   for (DType out_dtype : kDTypes) {
     SCOPED_TRACE(::testing::Message() << "dequantize to " << dtype_name(out_dtype));
     const int out_element = dtype_size(out_dtype);
     std::vector<uint8_t> cpu_out(n * out_element);
-    cpu::dequantize_4bit(cpu_packed.data(), cpu_absmax.data(), table, n, blocksize, out_dtype, cpu_out.data(), 0,
-                         blocks);
+    cpu::dequantize_4bit(cpu_packed.data(), cpu_absmax.data(), table, n, blocksize, out_dtype, cpu_out.data(),
+                         0, blocks);
     DeviceBuffer d_out((n + offset) * out_element);
     HB_CUDA_ASSERT(d_out.status());
     uint8_t* out_ptr = d_out.bytes_ptr() + offset * out_element;
     HB_CUDA_ASSERT(cudaMemset(d_out.get(), 0xEF, d_out.bytes()));
-    HB_CUDA_ASSERT(cuda::dequantize_4bit(packed_ptr, d_absmax.get<float>(), d_table.get<float>(), n, blocksize,
-                                         out_dtype, out_ptr, nullptr));
+    HB_CUDA_ASSERT(cuda::dequantize_4bit(packed_ptr, d_absmax.get<float>(), d_table.get<float>(), n,
+                                         blocksize, out_dtype, out_ptr, nullptr));
     HB_CUDA_ASSERT(cudaDeviceSynchronize());
     const std::vector<uint8_t> gpu_out = download(out_ptr, n * out_element);
-    const std::string out_diff = first_difference(cpu_out.data(), gpu_out.data(), cpu_out.size(), out_element);
+    const std::string out_diff =
+        first_difference(cpu_out.data(), gpu_out.data(), cpu_out.size(), out_element);
     ASSERT_TRUE(out_diff.empty()) << "output " << out_diff;
   }
 }
 
-void check_8bit(const RawInput& input, int64_t blocksize, const std::vector<float>& code, int64_t offset = 0) {
-  SCOPED_TRACE(::testing::Message() << dtype_name(input.dtype) << " n=" << input.n << " blocksize=" << blocksize
-                                    << " offset=" << offset);
+void check_8bit(const RawInput& input, int64_t blocksize, const std::vector<float>& code,
+                int64_t offset = 0) {
+  SCOPED_TRACE(::testing::Message() << dtype_name(input.dtype) << " n=" << input.n
+                                    << " blocksize=" << blocksize << " offset=" << offset);
   const int64_t n = input.n;
   const int64_t blocks = (n + blocksize - 1) / blocksize;
   const int element = dtype_size(input.dtype);
@@ -388,7 +399,8 @@ void check_8bit(const RawInput& input, int64_t blocksize, const std::vector<floa
   const std::string codes_diff = first_difference(cpu_codes.data(), gpu_codes.data(), n, 1);
   ASSERT_TRUE(codes_diff.empty()) << "codes " << codes_diff;
 
-  HB_CUDA_ASSERT(cudaMemcpy(d_absmax.get(), cpu_absmax.data(), blocks * sizeof(float), cudaMemcpyHostToDevice));
+  HB_CUDA_ASSERT(
+      cudaMemcpy(d_absmax.get(), cpu_absmax.data(), blocks * sizeof(float), cudaMemcpyHostToDevice));
   for (DType out_dtype : kDTypes) {
     SCOPED_TRACE(::testing::Message() << "dequantize to " << dtype_name(out_dtype));
     const int out_element = dtype_size(out_dtype);
@@ -403,7 +415,8 @@ void check_8bit(const RawInput& input, int64_t blocksize, const std::vector<floa
                                                    blocksize, out_dtype, out_ptr, nullptr));
     HB_CUDA_ASSERT(cudaDeviceSynchronize());
     const std::vector<uint8_t> gpu_out = download(out_ptr, n * out_element);
-    const std::string out_diff = first_difference(cpu_out.data(), gpu_out.data(), cpu_out.size(), out_element);
+    const std::string out_diff =
+        first_difference(cpu_out.data(), gpu_out.data(), cpu_out.size(), out_element);
     ASSERT_TRUE(out_diff.empty()) << "output " << out_diff;
   }
 }
@@ -466,7 +479,8 @@ TEST(CudaBlockwise4bit, EmptyAndInvalidArguments) {
   HB_SKIP_WITHOUT_CUDA();
   EXPECT_EQ(cuda::quantize_4bit(nullptr, DType::kFloat32, 0, 64, QuantType::kNF4, nullptr, nullptr, nullptr),
             cudaSuccess);
-  EXPECT_EQ(cuda::dequantize_4bit(nullptr, nullptr, nullptr, 0, 64, DType::kFloat32, nullptr, nullptr), cudaSuccess);
+  EXPECT_EQ(cuda::dequantize_4bit(nullptr, nullptr, nullptr, 0, 64, DType::kFloat32, nullptr, nullptr),
+            cudaSuccess);
   EXPECT_EQ(cuda::quantize_4bit(nullptr, DType::kFloat32, 10, 48, QuantType::kNF4, nullptr, nullptr, nullptr),
             cudaErrorInvalidValue);
   EXPECT_EQ(cuda::dequantize_4bit(nullptr, nullptr, nullptr, 10, 8192, DType::kFloat32, nullptr, nullptr),
@@ -491,7 +505,8 @@ TEST(CudaBlockwise8bit, SpecialValuesAndEvery16BitPattern) {
   HB_SKIP_WITHOUT_CUDA();
   const std::vector<float> code = dynamic_map();
   for (DType dtype : kDTypes) {
-    for (int64_t blocksize : kBlocksizes) ASSERT_NO_FATAL_FAILURE(check_8bit(special_input(dtype, blocksize), blocksize, code));
+    for (int64_t blocksize : kBlocksizes)
+      ASSERT_NO_FATAL_FAILURE(check_8bit(special_input(dtype, blocksize), blocksize, code));
   }
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     ASSERT_NO_FATAL_FAILURE(check_8bit(all_16bit_patterns(dtype, 64), 64, code));
@@ -512,12 +527,15 @@ TEST(CudaBlockwise8bit, MisalignedPointersTakeTheGuardedPath) {
 
 TEST(CudaBlockwise8bit, EmptyAndInvalidArguments) {
   HB_SKIP_WITHOUT_CUDA();
-  EXPECT_EQ(cuda::quantize_blockwise_8bit(nullptr, DType::kFloat32, 0, 64, nullptr, nullptr, nullptr, nullptr),
-            cudaSuccess);
-  EXPECT_EQ(cuda::dequantize_blockwise_8bit(nullptr, nullptr, nullptr, 0, 64, DType::kFloat32, nullptr, nullptr),
-            cudaSuccess);
-  EXPECT_EQ(cuda::quantize_blockwise_8bit(nullptr, DType::kFloat32, 10, 16, nullptr, nullptr, nullptr, nullptr),
-            cudaErrorInvalidValue);
+  EXPECT_EQ(
+      cuda::quantize_blockwise_8bit(nullptr, DType::kFloat32, 0, 64, nullptr, nullptr, nullptr, nullptr),
+      cudaSuccess);
+  EXPECT_EQ(
+      cuda::dequantize_blockwise_8bit(nullptr, nullptr, nullptr, 0, 64, DType::kFloat32, nullptr, nullptr),
+      cudaSuccess);
+  EXPECT_EQ(
+      cuda::quantize_blockwise_8bit(nullptr, DType::kFloat32, 10, 16, nullptr, nullptr, nullptr, nullptr),
+      cudaErrorInvalidValue);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
@@ -538,12 +556,14 @@ TEST(CudaBlockwise, MoreThan2To31Elements) {
   const RawInput host = encode(normal_values(2 * edge, 5u), DType::kBFloat16);
   // host holds 2 * edge elements: the first `edge` go to the start, the rest to the end.
   ASSERT_NO_FATAL_FAILURE(upload(host.bytes.data(), edge * 2, d_input.get()));
-  ASSERT_NO_FATAL_FAILURE(upload(host.bytes.data() + edge * 2, edge * 2, d_input.bytes_ptr() + (n - edge) * 2));
+  ASSERT_NO_FATAL_FAILURE(
+      upload(host.bytes.data() + edge * 2, edge * 2, d_input.bytes_ptr() + (n - edge) * 2));
   std::vector<uint8_t> full_head(host.bytes.begin(), host.bytes.begin() + edge * 2);
   std::vector<uint8_t> full_tail(host.bytes.begin() + edge * 2, host.bytes.end());
 
-  const float nf4[16] = {nf4_level(0),  nf4_level(1),  nf4_level(2),  nf4_level(3), nf4_level(4),  nf4_level(5),
-                         nf4_level(6),  nf4_level(7),  nf4_level(8),  nf4_level(9), nf4_level(10), nf4_level(11),
+  const float nf4[16] = {nf4_level(0),  nf4_level(1),  nf4_level(2),  nf4_level(3),
+                         nf4_level(4),  nf4_level(5),  nf4_level(6),  nf4_level(7),
+                         nf4_level(8),  nf4_level(9),  nf4_level(10), nf4_level(11),
                          nf4_level(12), nf4_level(13), nf4_level(14), nf4_level(15)};
   DeviceBuffer d_table(sizeof(nf4));
   HB_CUDA_ASSERT(d_table.status());
@@ -572,8 +592,9 @@ TEST(CudaBlockwise, MoreThan2To31Elements) {
     } else {
       HB_CUDA_ASSERT(cuda::quantize_4bit(d_input.get(), DType::kBFloat16, n, c.blocksize, QuantType::kNF4,
                                          d_absmax.get<float>(), d_codes.get<uint8_t>(), nullptr));
-      HB_CUDA_ASSERT(cuda::dequantize_4bit(d_codes.get<uint8_t>(), d_absmax.get<float>(), d_table.get<float>(), n,
-                                           c.blocksize, DType::kBFloat16, d_out.get(), nullptr));
+      HB_CUDA_ASSERT(cuda::dequantize_4bit(d_codes.get<uint8_t>(), d_absmax.get<float>(),
+                                           d_table.get<float>(), n, c.blocksize, DType::kBFloat16,
+                                           d_out.get(), nullptr));
     }
     HB_CUDA_ASSERT(cudaDeviceSynchronize());
 
@@ -604,8 +625,8 @@ TEST(CudaBlockwise, MoreThan2To31Elements) {
         cpu::dequantize_blockwise_8bit(cpu_codes.data(), cpu_absmax.data(), code.data(), count, c.blocksize,
                                        DType::kBFloat16, cpu_out.data(), 0, region_blocks);
       } else {
-        cpu::quantize_4bit(region.data(), DType::kBFloat16, count, c.blocksize, QuantType::kNF4, cpu_absmax.data(),
-                           cpu_codes.data(), 0, region_blocks);
+        cpu::quantize_4bit(region.data(), DType::kBFloat16, count, c.blocksize, QuantType::kNF4,
+                           cpu_absmax.data(), cpu_codes.data(), 0, region_blocks);
         cpu::dequantize_4bit(cpu_codes.data(), cpu_absmax.data(), nf4, count, c.blocksize, DType::kBFloat16,
                              cpu_out.data(), 0, region_blocks);
       }
@@ -614,8 +635,8 @@ TEST(CudaBlockwise, MoreThan2To31Elements) {
       const std::vector<uint8_t> gpu_codes =
           download(d_codes.bytes_ptr() + (c.eight_bit ? first : first / 2), out_bytes);
       const std::vector<uint8_t> gpu_out = download(d_out.bytes_ptr() + first * 2, count * 2);
-      std::string diff = first_difference(reinterpret_cast<const uint8_t*>(cpu_absmax.data()), gpu_absmax.data(),
-                                          gpu_absmax.size(), 4);
+      std::string diff = first_difference(reinterpret_cast<const uint8_t*>(cpu_absmax.data()),
+                                          gpu_absmax.data(), gpu_absmax.size(), 4);
       ASSERT_TRUE(diff.empty()) << "absmax " << diff;
       diff = first_difference(cpu_codes.data(), gpu_codes.data(), out_bytes, 1);
       ASSERT_TRUE(diff.empty()) << "codes " << diff;
