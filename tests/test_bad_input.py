@@ -69,6 +69,17 @@ def test_absmax_of_the_wrong_length_or_dtype(device):
         ops.dequantize_blockwise(codes, absmax8[:15], F.create_dynamic_map().to(device), 64, torch.float32)
 
 
+def test_double_quantized_scales_are_checked(device):
+    _, packed, state = _quantized(device, nested=True)
+    args = (packed, state.state2.absmax, 64, "nf4", [64, 64], torch.float32)
+    with pytest.raises(ValueError, match="absmax_8bit must be uint8 with one entry per block \\(64\\)"):
+        ops.dequantize_4bit(*args, state.absmax[:10], state.state2.code, state.offset)
+    with pytest.raises(ValueError, match="absmax_code is required"):
+        ops.dequantize_4bit(*args, state.absmax)
+    with pytest.raises(ValueError, match="absmax_offset must be a float32 scalar"):
+        ops.dequantize_4bit(*args, state.absmax, state.state2.code, state.state2.absmax.repeat(2))
+
+
 def test_packed_size_must_match_shape(device):
     _, packed, state = _quantized(device)
     with pytest.raises(ValueError, match="size does not match shape"):

@@ -173,6 +173,50 @@ def test_opcheck_every_op():
             (x, packed, [24, 80], nested_absmax, 64, "nf4", None, nested_codes, code, absmax.mean()),
         ),
         (torch.ops.halfbyte.gemv_4bit.default, (x, packed, [24, 80], absmax, F.get_4bit_type("nf4"), 64)),
+        (
+            torch.ops.halfbyte.dequantize_4bit.default,
+            (packed, nested_absmax, 64, "nf4", [24, 80], torch.bfloat16, nested_codes, code, absmax.mean()),
+        ),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", R.FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_dequantize_4bit_reads_double_quantized_scales(device, dtype, blocksize):
+    # The scales as stored by double quantization (uint8 codes, nested absmax per 256 blocks, code, offset)
+    # give exactly the bits of dequantizing with the float32 scales resolved first.
+    n = 300 * blocksize + 33  # blocks not a multiple of 256, n odd
+    A = random_tensor((n,), dtype, device, seed=blocksize, scale=2.0)
+    packed, absmax = torch.ops.halfbyte.quantize_4bit(A, blocksize, "nf4", torch.uint8)
+    code = F.create_dynamic_map().to(device)
+    for offset in (absmax.mean(), -absmax.mean()):
+        codes, nested = torch.ops.halfbyte.quantize_blockwise(absmax - offset, code, 256)
+        nested = nested.clone()
+        nested[1] = float("inf") if offset > 0 else float("nan")  # a non-finite nested absmax stays in its group
+        got = torch.ops.halfbyte.dequantize_4bit(packed, nested, blocksize, "nf4", [n], dtype, codes, code, offset)
+        scales = R.nested_absmax(codes.cpu(), nested.cpu(), code.cpu(), offset.cpu())
+        want = R.dequantize_4bit(packed.cpu(), scales, blocksize, "nf4", [n], dtype)
+        assert_same_values(got.cpu(), want, f"nested offset={offset.item():.3f}")
+        assert_same_values(
+            got.cpu(),
+            R.dequantize_4bit(
+                packed.cpu(), nested.cpu(), blocksize, "nf4", [n], dtype, codes.cpu(), code.cpu(), offset.cpu()
+            ),
+        )
+        out = torch.empty(n, dtype=dtype, device=device)
+        torch.ops.halfbyte.dequantize_4bit.out(
+            packed,
+            nested,
+            blocksize,
+            "nf4",
+            [n],
+            dtype,
+            out=out,
+            absmax_8bit=codes,
+            absmax_code=code,
+            absmax_offset=offset,
+        )
+        assert_same_values(out, got)

@@ -5,7 +5,11 @@
 //               absmax = NaN-propagating max |x| with subnormals as 0 (absmax_step),
 //               recip = rcp.approx.ftz(absmax) (reciprocal_like_cuda, as bitsandbytes; 1/0 = inf),
 //               code = nearest level of float(x) * recip by the thresholds of quantize_nf4 / quantize_fp4.
-//   dequantize: out = convert(table[code] * absmax[i / blocksize]), fp32 product, round-to-nearest-even.
+//   dequantize: out = convert(table[code] * scale[i / blocksize]), fp32 product, round-to-nearest-even.
+//               Scale sources (the kernel's Scales template argument): plain, scale[b] = absmax[b]; or
+//               nested (double-quantized), scale[b] = multiply_like_cuda(nested_code[absmax_codes[b]],
+//               nested_absmax[b / 256]) + offset, an unfused IEEE add (add_like_cpu), as the CPU computes
+//               the scales it passes to cpu::dequantize_4bit; a NaN scale gets the CPU's bits.
 //
 // Layout: two codes per byte, element 2i in the high nibble of byte i; (n + 1) / 2 bytes; an odd n pads
 // the last low nibble with the code of 0.0f * recip. One float32 absmax per block.
@@ -28,7 +32,12 @@
 // Work split, dequantize: a thread handles 32 elements per tile as runs of one 16-byte store each
 //   (8 fp16/bf16 elements from 4 packed bytes, or 4 fp32 from 2), the runs of a warp adjacent, so each
 //   warp store writes 512 contiguous bytes; the 16 levels sit in shared memory.
-//   A NaN product (absmax NaN/inf, or a non-finite table entry) gets the CPU's bits (see cpu_nan_bits).
+//   A NaN product (scale NaN/inf, or a non-finite table entry) gets the CPU's bits (see cpu_nan_bits).
+//   Nested scales: nested_code is copied to shared memory next to the levels and the offset read once per
+//   thread block; a tile (8192 elements) lies inside one group of 256 blocks for every blocksize, so it
+//   reads one nested_absmax, and each run reads one absmax code byte (where plain reads a float32
+//   absmax) and finishes its scale with a shared-memory lookup, a mul.ftz and an add. Scale traffic:
+//   1 byte per block (plain: 4) plus 4 bytes per 256 blocks, and 1 KiB of code per thread block (L2).
 //
 // Ragged ends and alignment: tiles that end past n (the last one) use element-wise guarded loads
 // (padding with 0.0, which is exactly the odd-n padding element) and byte-wise guarded stores. When
@@ -41,8 +50,9 @@
 // Shared with blockwise_8bit.cu, in blockwise_common.cuh: the launch shape and host helpers, the input
 // vectors and guarded loads, the absmax of a quantization block with its NaN rule (the first half of a
 // quantize tile, quantize_tile_prologue), and the dequantize tile loop with its output conversion and
-// NaN bits (dequantize_tiles, launch_dequantize). Here: the cell tables and per-element codes, the
-// nibble packing and stores, and how dequantize reads nibbles (NibbleCodes).
+// NaN bits and both scale sources (dequantize_tiles, NestedScaleReader, launch_dequantize). Here: the
+// cell tables and per-element codes, the nibble packing and stores, and how dequantize reads nibbles
+// (NibbleCodes).
 //
 // Expected bottleneck: HBM bandwidth. Quantize 14336x4096 bf16, blocksize 64: 117.4 MB read, 31.2 MB
 // written (~54 us at the ~2.8 TB/s copy bandwidth measured alongside); ~15 instructions per element
@@ -338,11 +348,15 @@ struct NibbleCodes {
   }
 };
 
-template <typename Out, bool kAligned>
+// Scales: const float* (plain absmax) or NestedScales. The nested kernel copies nested_code to shared
+// memory (one entry per thread) next to the levels and reads the offset once; the tile loop reads the
+// scales through NestedScaleReader.
+template <typename Out, bool kAligned, typename Scales>
 __global__ void __launch_bounds__(kThreadsPerBlock, 1)
-    dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+    dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const Scales scales,
                            const float* __restrict__ table, int64_t n, int log2_blocksize,
                            uint32_t default_nan, Out* __restrict__ output) {
+  constexpr bool kNested = std::is_same_v<Scales, NestedScales>;
   __shared__ float shared_table[16];
   bool entry_finite = true;
   if (threadIdx.x < 16) {
@@ -350,9 +364,20 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     shared_table[threadIdx.x] = level;
     entry_finite = isfinite(level);
   }
-  const bool table_finite = __syncthreads_and(entry_finite);
-  dequantize_tiles<NibbleCodes, Out, kAligned>(packed, absmax, shared_table, table_finite, n, log2_blocksize,
-                                               default_nan, output);
+  if constexpr (kNested) {
+    static_assert(kThreadsPerBlock == 256, "one nested_code entry per thread");
+    __shared__ float shared_code[256];
+    shared_code[threadIdx.x] = __ldg(scales.nested_code + threadIdx.x);
+    const float offset = __ldg(scales.offset);
+    const bool table_finite = __syncthreads_and(entry_finite);
+    const NestedScaleReader reader{scales.absmax_codes, scales.nested_absmax, shared_code, offset};
+    dequantize_tiles<NibbleCodes, Out, kAligned>(packed, reader, shared_table, table_finite, n,
+                                                 log2_blocksize, default_nan, output);
+  } else {
+    const bool table_finite = __syncthreads_and(entry_finite);
+    dequantize_tiles<NibbleCodes, Out, kAligned>(packed, scales, shared_table, table_finite, n,
+                                                 log2_blocksize, default_nan, output);
+  }
 }
 
 }  // namespace
@@ -379,15 +404,28 @@ cudaError_t quantize_4bit(const void* input, DType input_dtype, int64_t n, int64
   });
 }
 
-cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, const float* table, int64_t n,
+cudaError_t dequantize_4bit(const uint8_t* packed, BlockScales scales, const float* table, int64_t n,
                             int64_t blocksize, DType output_dtype, void* output, cudaStream_t stream) {
   if (n < 0 || !is_valid_blocksize(blocksize)) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
+  const bool nested = scales.absmax == nullptr;
+  if (nested && (scales.absmax_codes == nullptr || scales.nested_absmax == nullptr ||
+                 scales.nested_code == nullptr || scales.offset == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   return detail::dispatch_dtype(output_dtype, [&](auto element) {
     using Out = typename decltype(element)::type;
-    return detail::launch_dequantize<Out>(detail::dequantize_4bit_kernel<Out, true>,
-                                          detail::dequantize_4bit_kernel<Out, false>, 4, packed, absmax,
-                                          table, n, blocksize, output, stream);
+    if (nested) {
+      const detail::NestedScales nested_scales{scales.absmax_codes, scales.nested_absmax, scales.nested_code,
+                                               scales.offset};
+      return detail::launch_dequantize<Out, detail::NestedScales>(
+          detail::dequantize_4bit_kernel<Out, true, detail::NestedScales>,
+          detail::dequantize_4bit_kernel<Out, false, detail::NestedScales>, 4, packed, nested_scales, table,
+          n, blocksize, output, stream);
+    }
+    return detail::launch_dequantize<Out>(detail::dequantize_4bit_kernel<Out, true, const float*>,
+                                          detail::dequantize_4bit_kernel<Out, false, const float*>, 4, packed,
+                                          scales.absmax, table, n, blocksize, output, stream);
   });
 }
 

@@ -12,9 +12,11 @@
 //     exact max over the |x| bit patterns, reduced over the block's threads (shuffles or redux, plus
 //     shared memory across warps), takes the CPU's absmax bits (those of the block's last NaN) for a
 //     block with a NaN, stores the absmax and returns its reciprocal;
-//   - dequantize: the tile loop (dequantize_tiles, parameterized by how the codes are stored), 16-byte
-//     runs of level * absmax with the CPU's NaN bits (cpu_nan_bits, OutputTraits, dequantize_run),
-//     the element-wise guarded path and the host launcher (launch_dequantize).
+//   - dequantize: the tile loop (dequantize_tiles, parameterized by how the codes are stored and by
+//     the scale source: plain float32 absmax, or double-quantized scales read through
+//     NestedScaleReader), 16-byte runs of level * scale with the CPU's NaN bits (cpu_nan_bits,
+//     OutputTraits, dequantize_run), the element-wise guarded path and the host launcher
+//     (launch_dequantize).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -535,72 +537,150 @@ __device__ __forceinline__ uint4 dequantize_run(const float (&level)[kElements],
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
-// The tile loop of a dequantize kernel: output[i] = table[code of i] * absmax[i >> log2_blocksize]
+// ------------------------------------------------------------------------------------------------
+// Dequantize block scales.
+//
+// dequantize_tiles takes the scale of block b from one of two sources (its Scales argument):
+//   const float* absmax    plain: absmax[b]
+//   NestedScaleReader      double-quantized: add_like_cpu(multiply_like_cuda(code[absmax_codes[b]],
+//                          nested_absmax[b >> 8]), offset), NaN results with the CPU's bits
+// An aligned tile lies inside one group of 256 blocks (kDequantizeTileElements <= 256 * 32, both
+// powers of two), so a tile reads one nested_absmax; per run the nested source reads one code byte
+// (where the plain source reads a float) and looks it up in a shared-memory copy of the code.
+
+inline constexpr int kNestedGroupLog2 = 8;  // 256 blocks per nested_absmax entry
+static_assert(kDequantizeTileElements <= (32 << kNestedGroupLog2), "a tile spans one nested group");
+
+// Kernel parameter of a dequantize kernel with double-quantized scales (the pointers of BlockScales).
+struct NestedScales {
+  const uint8_t* absmax_codes;  // one per block
+  const float* nested_absmax;   // one per 256 blocks
+  const float* nested_code;     // 256 entries
+  const float* offset;          // one float
+};
+
+// How dequantize_tiles reads double-quantized scales: `code` is the kernel's shared-memory copy of
+// nested_code and `offset` the offset's value.
+struct NestedScaleReader {
+  const uint8_t* absmax_codes;
+  const float* nested_absmax;
+  const float* code;
+  float offset;
+};
+
+// a + b as one IEEE float32 add (add.rn.f32: never contracted into an fma, no flush to zero whatever
+// the compiler flags), as the CPU adds.
+__device__ __forceinline__ float add_like_cpu(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// The nested scale of a block from its code's value and its group's nested_absmax, with the bits the
+// CPU gives a NaN: a NaN product keeps cpu_nan_bits(code value, nested_absmax) (nested_absmax's NaN
+// first, 0 * inf the host's default NaN) through the add; otherwise a NaN offset, or inf - inf.
+__device__ __forceinline__ float nested_scale(float code_value, float group_absmax, float offset,
+                                              uint32_t default_nan) {
+  const float product = multiply_like_cuda(code_value, group_absmax);
+  const float scale = add_like_cpu(product, offset);
+  if (scale == scale) return scale;
+  return __uint_as_float(product != product ? cpu_nan_bits(code_value, group_absmax, default_nan)
+                                            : cpu_nan_bits(product, offset, default_nan));
+}
+
+template <typename Scales>
+inline constexpr bool kIsNestedScales = std::is_same_v<Scales, NestedScaleReader>;
+
+// The scale of block b for the guarded path.
+__device__ __forceinline__ float block_scale(const float* absmax, int64_t b, uint32_t) { return absmax[b]; }
+
+__device__ __forceinline__ float block_scale(const NestedScaleReader& scales, int64_t b,
+                                             uint32_t default_nan) {
+  return nested_scale(scales.code[__ldg(scales.absmax_codes + b)],
+                      __ldg(scales.nested_absmax + (b >> kNestedGroupLog2)), scales.offset, default_nan);
+}
+
+// The tile loop of a dequantize kernel: output[i] = table[code of i] * scale[i >> log2_blocksize]
 // over tiles of kDequantizeTileElements (grid-stride). A thread handles kRunsPerThread runs per tile,
 // the runs of a warp adjacent; a tile that ends past n, or every tile when !kAligned, takes the
 // element-wise guarded path. `table` is the kernel's shared copy of the levels (table_finite: all
-// finite). Codes says how the codes are stored:
+// finite); `scales` the scale source (const float* absmax or NestedScaleReader, above). Codes says how
+// the codes are stored:
 //   Codes::Run                           the codes of one run, as one streaming load reads them
 //   Codes::load_run<kRunElements>(c, e0) that load, for the run starting at element e0
 //   Codes::levels(table, run, level)     the levels of the run's elements
 //   Codes::code(c, i)                    the code of element i (guarded path)
-template <typename Codes, typename Out, bool kAligned>
-__device__ __forceinline__ void dequantize_tiles(const uint8_t* __restrict__ codes,
-                                                 const float* __restrict__ absmax, const float* table,
-                                                 bool table_finite, int64_t n, int log2_blocksize,
-                                                 uint32_t default_nan, Out* __restrict__ output) {
+template <typename Codes, typename Out, bool kAligned, typename Scales>
+__device__ __forceinline__ void dequantize_tiles(const uint8_t* __restrict__ codes, Scales scales,
+                                                 const float* table, bool table_finite, int64_t n,
+                                                 int log2_blocksize, uint32_t default_nan,
+                                                 Out* __restrict__ output) {
   using Layout = DequantizeLayout<Out>;
   constexpr int kRunElements = Layout::kRunElements;
   constexpr int kRuns = Layout::kRunsPerThread;
+  constexpr bool kNested = kIsNestedScales<Scales>;
   const int64_t tiles = tile_count(n, kDequantizeTileElements);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t tile_start = tile * kDequantizeTileElements;
     if (kAligned && tile_start + kDequantizeTileElements <= n) {
       typename Codes::Run runs[kRuns];
-      float scales[kRuns];
-#pragma unroll
-      for (int r = 0; r < kRuns; ++r) {
-        const int64_t e0 = tile_start + (r * kThreadsPerBlock + threadIdx.x) * kRunElements;
-        runs[r] = Codes::template load_run<kRunElements>(codes, e0);
-        scales[r] = __ldg(absmax + (e0 >> log2_blocksize));
+      float scale[kRuns];          // plain: the run's absmax
+      uint32_t scale_code[kRuns];  // nested: the run's absmax code, looked up below
+      float group_absmax = 0.0f;   // nested: the tile's nested_absmax
+      if constexpr (kNested) {
+        group_absmax = __ldg(scales.nested_absmax + (tile_start >> (log2_blocksize + kNestedGroupLog2)));
       }
 #pragma unroll
       for (int r = 0; r < kRuns; ++r) {
         const int64_t e0 = tile_start + (r * kThreadsPerBlock + threadIdx.x) * kRunElements;
+        runs[r] = Codes::template load_run<kRunElements>(codes, e0);
+        if constexpr (kNested) {
+          scale_code[r] = __ldg(scales.absmax_codes + (e0 >> log2_blocksize));
+        } else {
+          scale[r] = __ldg(scales + (e0 >> log2_blocksize));
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRuns; ++r) {
+        const int64_t e0 = tile_start + (r * kThreadsPerBlock + threadIdx.x) * kRunElements;
+        if constexpr (kNested) {
+          scale[r] = nested_scale(scales.code[scale_code[r]], group_absmax, scales.offset, default_nan);
+        }
         float level[kRunElements];
         Codes::levels(table, runs[r], level);
         *reinterpret_cast<uint4*>(output + e0) =
-            dequantize_run<Out, kRunElements>(level, table_finite, scales[r], default_nan);
+            dequantize_run<Out, kRunElements>(level, table_finite, scale[r], default_nan);
       }
     } else {
       const int64_t tile_end =
           n < tile_start + kDequantizeTileElements ? n : tile_start + kDequantizeTileElements;
       for (int64_t i = tile_start + threadIdx.x; i < tile_end; i += kThreadsPerBlock) {
-        const uint32_t bits =
-            checked_element_bits<Out>(table[Codes::code(codes, i)], absmax[i >> log2_blocksize], default_nan);
+        const uint32_t bits = checked_element_bits<Out>(
+            table[Codes::code(codes, i)], block_scale(scales, i >> log2_blocksize, default_nan), default_nan);
         store_element_bits(output, i, bits);
       }
     }
   }
 }
 
-// A dequantize kernel instantiation (both kernels take these parameters).
-template <typename Out>
-using DequantizeKernel = void (*)(const uint8_t* codes, const float* absmax, const float* table, int64_t n,
+// A dequantize kernel instantiation (both kernels take these parameters); Scales: const float* absmax
+// or NestedScales.
+template <typename Out, typename Scales = const float*>
+using DequantizeKernel = void (*)(const uint8_t* codes, Scales scales, const float* table, int64_t n,
                                   int log2_blocksize, uint32_t default_nan, Out* output);
 
 // Launches `aligned_kernel` (kAligned = true) when output is 16-byte aligned and codes are
 // `codes_alignment`-byte aligned, else `guarded_kernel` (every tile element-wise).
-template <typename Out>
-cudaError_t launch_dequantize(DequantizeKernel<Out> aligned_kernel, DequantizeKernel<Out> guarded_kernel,
-                              uintptr_t codes_alignment, const uint8_t* codes, const float* absmax,
-                              const float* table, int64_t n, int64_t blocksize, void* output,
-                              cudaStream_t stream) {
+template <typename Out, typename Scales = const float*>
+cudaError_t launch_dequantize(DequantizeKernel<Out, Scales> aligned_kernel,
+                              DequantizeKernel<Out, Scales> guarded_kernel, uintptr_t codes_alignment,
+                              const uint8_t* codes, typename TypeTag<Scales>::type scales, const float* table,
+                              int64_t n, int64_t blocksize, void* output, cudaStream_t stream) {
   static const uint32_t default_nan = host_default_nan_bits();
   const unsigned grid = grid_blocks(n, kDequantizeTileElements);
   const bool aligned = is_aligned(output, 16) && is_aligned(codes, codes_alignment);
-  const DequantizeKernel<Out> kernel = aligned ? aligned_kernel : guarded_kernel;
-  kernel<<<grid, kThreadsPerBlock, 0, stream>>>(codes, absmax, table, n, log2_of(blocksize), default_nan,
+  const DequantizeKernel<Out, Scales> kernel = aligned ? aligned_kernel : guarded_kernel;
+  kernel<<<grid, kThreadsPerBlock, 0, stream>>>(codes, scales, table, n, log2_of(blocksize), default_nan,
                                                 static_cast<Out*>(output));
   return cudaGetLastError();
 }

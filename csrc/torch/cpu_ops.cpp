@@ -54,18 +54,39 @@ void dequantize_4bit_into(const at::Tensor& packed, const at::Tensor& absmax, co
   });
 }
 
+void dequantize_blockwise_into(const DequantizePlan& p, const at::Tensor& code, int64_t blocksize);
+
+// Double-quantized scales are resolved to float32 first (a pass over one value per block), then the
+// plain kernel runs: the same bits as resolving them inside the kernel.
+void dequantize_4bit_planned(const DequantizePlan& p, int64_t blocksize,
+                             const c10::optional<at::Tensor>& absmax_8bit,
+                             const c10::optional<at::Tensor>& absmax_code,
+                             const c10::optional<at::Tensor>& absmax_offset) {
+  const at::Tensor scales =
+      resolved_scales(p.nested, p.absmax, absmax_8bit, absmax_code, absmax_offset, dequantize_blockwise_into);
+  at::Tensor out = p.out;
+  dequantize_4bit_into(p.codes, scales, table_4bit_cpu(p.type), p.n, blocksize, p.dtype, out);
+}
+
 at::Tensor dequantize_4bit_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
-                               c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
-  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, {});
-  dequantize_4bit_into(p.codes, p.absmax, table_4bit_cpu(p.type), p.n, blocksize, p.dtype, p.out);
+                               c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
+                               const c10::optional<at::Tensor>& absmax_8bit,
+                               const c10::optional<at::Tensor>& absmax_code,
+                               const c10::optional<at::Tensor>& absmax_offset) {
+  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, {},
+                                          absmax_8bit, absmax_code, absmax_offset);
+  dequantize_4bit_planned(p, blocksize, absmax_8bit, absmax_code, absmax_offset);
   return p.out;
 }
 
 void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
                              c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
-                             at::Tensor out) {
-  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, out);
-  dequantize_4bit_into(p.codes, p.absmax, table_4bit_cpu(p.type), p.n, blocksize, p.dtype, p.out);
+                             at::Tensor out, const c10::optional<at::Tensor>& absmax_8bit,
+                             const c10::optional<at::Tensor>& absmax_code,
+                             const c10::optional<at::Tensor>& absmax_offset) {
+  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, out,
+                                          absmax_8bit, absmax_code, absmax_offset);
+  dequantize_4bit_planned(p, blocksize, absmax_8bit, absmax_code, absmax_offset);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& code,

@@ -44,27 +44,61 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   return {p.codes, p.absmax};
 }
 
-void dequantize_4bit_into(const at::Tensor& packed, const at::Tensor& absmax, const float* table, int64_t n,
-                          int64_t blocksize, DType dtype, at::Tensor& out) {
-  check_cuda(cuda::dequantize_4bit(bytes_of(packed), absmax.const_data_ptr<float>(), table, n, blocksize,
-                                   dtype, out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+// Device pointers of a 4-bit tensor's block scales (plain or double-quantized), and the contiguous
+// tensors they point into.
+struct ScaleSource {
+  cuda::BlockScales scales;
+  at::Tensor keep_alive[3];
+};
+
+ScaleSource block_scales(const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax_8bit,
+                         const c10::optional<at::Tensor>& absmax_code,
+                         const c10::optional<at::Tensor>& absmax_offset) {
+  ScaleSource s;
+  s.keep_alive[0] = absmax.contiguous();
+  if (!absmax_8bit.has_value()) {
+    s.scales.absmax = s.keep_alive[0].const_data_ptr<float>();
+    return s;
+  }
+  s.keep_alive[1] = absmax_8bit->contiguous();
+  s.keep_alive[2] = absmax_code->contiguous();
+  s.scales.absmax_codes = s.keep_alive[1].const_data_ptr<uint8_t>();
+  s.scales.nested_absmax = s.keep_alive[0].const_data_ptr<float>();
+  s.scales.nested_code = s.keep_alive[2].const_data_ptr<float>();
+  s.scales.offset = absmax_offset->const_data_ptr<float>();
+  return s;
+}
+
+void dequantize_4bit_into(const at::Tensor& packed, const cuda::BlockScales& scales, const float* table,
+                          int64_t n, int64_t blocksize, DType dtype, at::Tensor& out) {
+  check_cuda(cuda::dequantize_4bit(bytes_of(packed), scales, table, n, blocksize, dtype, out.data_ptr(),
+                                   c10::cuda::getCurrentCUDAStream()),
              "halfbyte::dequantize_4bit");
 }
 
 at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
-                                c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
+                                c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
+                                const c10::optional<at::Tensor>& absmax_8bit,
+                                const c10::optional<at::Tensor>& absmax_code,
+                                const c10::optional<at::Tensor>& absmax_offset) {
   const c10::cuda::CUDAGuard guard(A.device());
-  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, {});
-  dequantize_4bit_into(p.codes, p.absmax, table_4bit_cuda(p.type), p.n, blocksize, p.dtype, p.out);
+  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, {},
+                                          absmax_8bit, absmax_code, absmax_offset);
+  const ScaleSource s = block_scales(p.absmax, absmax_8bit, absmax_code, absmax_offset);
+  dequantize_4bit_into(p.codes, s.scales, table_4bit_cuda(p.type), p.n, blocksize, p.dtype, p.out);
   return p.out;
 }
 
 void dequantize_4bit_out_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
                               c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
-                              at::Tensor out) {
+                              at::Tensor out, const c10::optional<at::Tensor>& absmax_8bit,
+                              const c10::optional<at::Tensor>& absmax_code,
+                              const c10::optional<at::Tensor>& absmax_offset) {
   const c10::cuda::CUDAGuard guard(A.device());
-  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, out);
-  dequantize_4bit_into(p.codes, p.absmax, table_4bit_cuda(p.type), p.n, blocksize, p.dtype, p.out);
+  DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, out,
+                                          absmax_8bit, absmax_code, absmax_offset);
+  const ScaleSource s = block_scales(p.absmax, absmax_8bit, absmax_code, absmax_offset);
+  dequantize_4bit_into(p.codes, s.scales, table_4bit_cuda(p.type), p.n, blocksize, p.dtype, p.out);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code,
@@ -102,29 +136,6 @@ void dequantize_blockwise_out_cuda(const at::Tensor& A, const at::Tensor& absmax
   dequantize_blockwise_into(p, code, blocksize);
 }
 
-struct GemmScales {
-  cuda::BlockScales scales;
-  at::Tensor keep_alive[3];  // contiguous copies referenced by `scales`
-};
-
-GemmScales gemm_scales(const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax_8bit,
-                       const c10::optional<at::Tensor>& absmax_code,
-                       const c10::optional<at::Tensor>& absmax_offset) {
-  GemmScales s;
-  s.keep_alive[0] = absmax.contiguous();
-  if (!absmax_8bit.has_value()) {
-    s.scales.absmax = s.keep_alive[0].const_data_ptr<float>();
-    return s;
-  }
-  s.keep_alive[1] = absmax_8bit->contiguous();
-  s.keep_alive[2] = absmax_code->contiguous();
-  s.scales.absmax_codes = s.keep_alive[1].const_data_ptr<uint8_t>();
-  s.scales.nested_absmax = s.keep_alive[0].const_data_ptr<float>();
-  s.scales.nested_code = s.keep_alive[2].const_data_ptr<float>();
-  s.scales.offset = absmax_offset->const_data_ptr<float>();
-  return s;
-}
-
 // out = A @ W^T (+ bias) for a validated plan, choosing the kernel by the number of rows.
 at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const float* table,
                               int64_t blocksize, const c10::optional<at::Tensor>& bias,
@@ -134,7 +145,7 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
   const at::ScalarType dtype = p.A2.scalar_type();
   if (p.M <= kDecodeMaxRows) {
     at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
-    const GemmScales s = gemm_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
+    const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
     check_cuda(cuda::gemm_4bit(p.A2.const_data_ptr(), to_dtype(dtype), p.M, p.K,
                                p.M > 1 ? p.A2.stride(0) : p.K, bytes_of(p.B), s.scales, table, p.N, blocksize,
@@ -143,10 +154,9 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
                "halfbyte::gemm_4bit");
     return out.view(p.out_shape);
   }
-  const at::Tensor scales =
-      resolved_scales(p.nested, absmax, absmax_8bit, absmax_code, absmax_offset, dequantize_blockwise_into);
+  const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
   at::Tensor weight = at::empty({p.N, p.K}, p.A2.options());
-  dequantize_4bit_into(p.B, scales, table, p.N * p.K, blocksize, to_dtype(dtype), weight);
+  dequantize_4bit_into(p.B, s.scales, table, p.N * p.K, blocksize, to_dtype(dtype), weight);
   return at::linear(p.A2, weight, bias).view(p.out_shape);
 }
 

@@ -89,7 +89,7 @@ inline void check_packed(const char* op, const at::Tensor& packed, int64_t n, co
                     packed_storage_elements(n, itemsize), " (size does not match shape)");
 }
 
-// Per-block scales of a 4-bit weight for gemm_4bit: plain float absmax, or double-quantized
+// Per-block scales of a 4-bit tensor (gemm_4bit, dequantize_4bit): plain float absmax, or double-quantized
 // (absmax_8bit codes + nested absmax per 256 + code + offset). Returns whether they are nested.
 inline bool check_gemm_scales(const char* op, const at::Tensor& absmax, int64_t blocks,
                               const c10::optional<at::Tensor>& absmax_8bit,

@@ -62,11 +62,12 @@ inline QuantizePlan plan_quantize_blockwise(const at::Tensor& A, const at::Tenso
 
 struct DequantizePlan {
   at::Tensor codes;   // contiguous packed / 8-bit codes
-  at::Tensor absmax;  // contiguous float32
+  at::Tensor absmax;  // contiguous float32 (the nested absmax when `nested`)
   at::Tensor out;     // output (contiguous)
   int64_t n = 0;
   DType dtype = DType::kFloat32;
   QuantType type = QuantType::kNF4;
+  bool nested = false;  // 4-bit: scales are double-quantized (absmax_8bit, absmax_code, absmax_offset)
 };
 
 inline void check_out(const char* op, const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
@@ -80,7 +81,10 @@ inline void check_out(const char* op, const at::Tensor& out, at::IntArrayRef sha
 
 inline DequantizePlan plan_dequantize_4bit(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
                                            const std::string& quant_type, at::IntArrayRef shape,
-                                           at::ScalarType dtype, const c10::optional<at::Tensor>& out) {
+                                           at::ScalarType dtype, const c10::optional<at::Tensor>& out,
+                                           const c10::optional<at::Tensor>& absmax_8bit,
+                                           const c10::optional<at::Tensor>& absmax_code,
+                                           const c10::optional<at::Tensor>& absmax_offset) {
   const char* op = "halfbyte::dequantize_4bit";
   check_blocksize(op, blocksize);
   check_output_dtype(op, dtype);
@@ -88,7 +92,8 @@ inline DequantizePlan plan_dequantize_4bit(const at::Tensor& A, const at::Tensor
   p.type = parse_quant_type(op, quant_type);
   p.n = shape_numel(op, shape);
   check_packed(op, A, p.n, A);
-  check_absmax(op, absmax, block_count(p.n, blocksize), A);
+  p.nested =
+      check_gemm_scales(op, absmax, block_count(p.n, blocksize), absmax_8bit, absmax_code, absmax_offset, A);
   p.codes = A.contiguous();
   p.absmax = absmax.contiguous();
   p.dtype = to_dtype(dtype);

@@ -79,25 +79,39 @@ def _(A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dty
     return packed, A.new_empty((_blocks(n, blocksize),), dtype=torch.float32)
 
 
-def _dequantize_4bit_checks(A, absmax, blocksize, quant_type, shape, dtype) -> None:
+def _check_scales(op, absmax, blocks, absmax_8bit, absmax_code, absmax_offset) -> None:
+    """Plain float32 absmax (one per block), or double-quantized: uint8 codes per block + absmax per 256."""
+    if absmax_8bit is None:
+        _check_absmax(op, absmax, blocks)
+        return
+    torch._check_value(
+        absmax_8bit.dtype == torch.uint8 and absmax_8bit.numel() == blocks,
+        lambda: f"{op}: absmax_8bit must be uint8 with one entry per block ({blocks})",
+    )
+    _check_absmax(op, absmax, _blocks(blocks, 256), "absmax (nested, one per 256 blocks)")
+    torch._check_value(absmax_code is not None, lambda: f"{op}: absmax_code is required when absmax_8bit is given")
+    torch._check_value(absmax_offset is not None, lambda: f"{op}: absmax_offset is required when absmax_8bit is given")
+
+
+def _dequantize_4bit_checks(A, absmax, blocksize, quant_type, shape, dtype, absmax_8bit, absmax_code, absmax_offset):
     op = "halfbyte::dequantize_4bit"
     _check_blocksize(op, blocksize)
     _check_quant_type(op, quant_type)
     _check_float(op, "dtype", dtype)
     n = math.prod(shape)
     _check_packed(op, "A", A, n)
-    _check_absmax(op, absmax, _blocks(n, blocksize))
+    _check_scales(op, absmax, _blocks(n, blocksize), absmax_8bit, absmax_code, absmax_offset)
 
 
 @register_fake("halfbyte::dequantize_4bit")
-def _(A, absmax, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype):
-    _dequantize_4bit_checks(A, absmax, blocksize, quant_type, shape, dtype)
+def _(A, absmax, blocksize, quant_type, shape, dtype, absmax_8bit=None, absmax_code=None, absmax_offset=None):
+    _dequantize_4bit_checks(A, absmax, blocksize, quant_type, shape, dtype, absmax_8bit, absmax_code, absmax_offset)
     return A.new_empty(shape, dtype=dtype)
 
 
 @register_fake("halfbyte::dequantize_4bit.out")
-def _(A, absmax, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype, out: torch.Tensor):
-    _dequantize_4bit_checks(A, absmax, blocksize, quant_type, shape, dtype)
+def _(A, absmax, blocksize, quant_type, shape, dtype, out, absmax_8bit=None, absmax_code=None, absmax_offset=None):
+    _dequantize_4bit_checks(A, absmax, blocksize, quant_type, shape, dtype, absmax_8bit, absmax_code, absmax_offset)
     torch._check_value(tuple(out.shape) == tuple(shape), lambda: f"out must have shape {list(shape)}")
     torch._check_type(out.dtype == dtype, lambda: f"out must have dtype {dtype}, got {out.dtype}")
 
@@ -147,13 +161,7 @@ def _(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, 
     op = "halfbyte::gemm_4bit"
     _gemm_checks(op, A, B, shapeB, blocksize)
     _check_quant_type(op, quant_type)
-    blocks = _blocks(shapeB[0] * shapeB[1], blocksize)
-    if absmax_8bit is None:
-        _check_absmax(op, absmax, blocks)
-    else:
-        torch._check_value(absmax_8bit.numel() == blocks, lambda: f"{op}: absmax_8bit must have {blocks} entries")
-        torch._check_value(absmax_code is not None, lambda: f"{op}: absmax_code is required with absmax_8bit")
-        torch._check_value(absmax_offset is not None, lambda: f"{op}: absmax_offset is required with absmax_8bit")
+    _check_scales(op, absmax, _blocks(shapeB[0] * shapeB[1], blocksize), absmax_8bit, absmax_code, absmax_offset)
     if bias is not None:
         torch._check_value(
             bias.dim() == 1 and bias.shape[0] == shapeB[0], lambda: f"{op}: bias must have shape [{shapeB[0]}]"
@@ -184,11 +192,10 @@ def _(A, B, shapeB, absmax, code, blocksize, out):
 
 
 def dequantized_weight(B, shapeB, absmax, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset, dtype):
-    """The [N, K] weight of a gemm_4bit call, dequantized to `dtype` (scales resolved when nested)."""
-    if absmax_8bit is not None:
-        absmax = torch.ops.halfbyte.dequantize_blockwise(absmax_8bit, absmax, absmax_code, 256, torch.float32)
-        absmax = absmax + absmax_offset
-    return torch.ops.halfbyte.dequantize_4bit(B, absmax, blocksize, quant_type, list(shapeB), dtype)
+    """The [N, K] weight of a gemm_4bit call, dequantized to `dtype` (double-quantized scales read directly)."""
+    return torch.ops.halfbyte.dequantize_4bit(
+        B, absmax, blocksize, quant_type, list(shapeB), dtype, absmax_8bit, absmax_code, absmax_offset
+    )
 
 
 def _gemm_setup_context(ctx, inputs, output):

@@ -17,17 +17,7 @@ from .quant_state import QuantState
 
 def gemm_4bit_args(B: torch.Tensor, quant_state: QuantState) -> tuple:
     """(B, shapeB, absmax, blocksize, quant_type) and the nested keyword arguments of gemm_4bit."""
-    nested = {}
-    absmax = quant_state.absmax
-    if quant_state.nested:
-        if quant_state.state2.blocksize != F.NESTED_BLOCKSIZE:
-            raise ValueError(
-                f"matmul_4bit: double quantization must use blocks of 256, got {quant_state.state2.blocksize}"
-            )
-        nested = dict(
-            absmax_8bit=quant_state.absmax, absmax_code=quant_state.state2.code, absmax_offset=quant_state.offset
-        )
-        absmax = quant_state.state2.absmax
+    absmax, nested = F._scale_args(quant_state)
     return (B.reshape(-1, 1), list(quant_state.shape), absmax, quant_state.blocksize, quant_state.quant_type), nested
 
 

@@ -75,16 +75,13 @@ def _check_quant_type(fn: str, quant_type) -> None:
 def _mean_offset(absmax: torch.Tensor) -> torch.Tensor:
     """offset of double quantization: absmax.mean() (torch's reduction, as bitsandbytes computes it).
 
-    When a block holds NaN/inf that mean is not finite and would poison every block; then the mean of the
-    finite absmax is used instead (chosen on the device: no host synchronization), so the non-finite
-    block spoils only its group of 256 blocks that share a nested absmax.
+    When a block holds NaN/inf that mean is not finite and would poison every block; then the offset is 0
+    (a valid offset: only the precision of the nested step changes), so the non-finite block spoils only
+    its group of 256 blocks that share a nested absmax. Chosen on the device: no host synchronization.
     """
     if absmax.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=absmax.device)
-    mean = absmax.mean()
-    finite = torch.isfinite(absmax)
-    finite_mean = torch.where(finite, absmax, 0.0).sum() / finite.sum().clamp(min=1)
-    return torch.where(torch.isfinite(mean), mean, finite_mean)
+    return torch.nan_to_num(absmax.mean(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # ---- 8-bit blockwise ------------------------------------------------------------------------------
@@ -121,6 +118,20 @@ def quantize_blockwise(
     if absmax is not None:
         state.absmax = absmax.copy_(state.absmax)
     return codes, state
+
+
+def _scale_args(state: QuantState) -> tuple[torch.Tensor, dict]:
+    """(absmax, nested keyword arguments) of the 4-bit ops: double-quantized scales are passed as they are
+    stored (uint8 codes, nested absmax, code, offset) and resolved inside the kernels."""
+    if not state.nested:
+        return state.absmax, {}
+    if state.state2.blocksize != NESTED_BLOCKSIZE:
+        raise ValueError(f"double quantization must use blocks of 256, got {state.state2.blocksize}")
+    return state.state2.absmax, {
+        "absmax_8bit": state.absmax,
+        "absmax_code": state.state2.code,
+        "absmax_offset": state.offset,
+    }
 
 
 def _resolved_absmax(state: QuantState) -> torch.Tensor:
@@ -187,7 +198,9 @@ def quantize_4bit(
     code = _code(quant_type, A.device)
     if compress_statistics:
         offset = _mean_offset(block_absmax)
-        qabsmax, state2 = quantize_blockwise(block_absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        dynamic = _cached_code("dynamic", block_absmax.device)  # shared; as_dict() serializes a copy
+        qabsmax, nested_absmax = torch.ops.halfbyte.quantize_blockwise(block_absmax - offset, dynamic, NESTED_BLOCKSIZE)
+        state2 = QuantState(absmax=nested_absmax, code=dynamic, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
         state = QuantState(
             absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code, quant_type=quant_type,
             offset=offset, state2=state2,
@@ -229,12 +242,12 @@ def dequantize_4bit(
     _check_quant_type("dequantize_4bit", quant_state.quant_type)
     if quant_state.dtype not in reference.FLOAT_DTYPES:
         raise TypeError(f"dequantize_4bit: quant_state.dtype must be a float dtype, got {quant_state.dtype}")
-    scales = _resolved_absmax(quant_state)
-    args = (A, scales, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype)
+    absmax, nested = _scale_args(quant_state)
+    args = (A, absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype)
     if out is not None:
-        torch.ops.halfbyte.dequantize_4bit.out(*args, out=out)
+        torch.ops.halfbyte.dequantize_4bit.out(*args, out=out, **nested)
     else:
-        out = torch.ops.halfbyte.dequantize_4bit(*args)
+        out = torch.ops.halfbyte.dequantize_4bit(*args, **nested)
     # bitsandbytes compatibility: a packed weight passed transposed ([1, bytes]) gives the output transposed.
     if A.dim() == 2 and A.shape[0] == 1 and out.dim() == 2:
         return out.t()

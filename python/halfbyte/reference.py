@@ -263,8 +263,14 @@ def dequantize_4bit(
     quant_type: str,
     shape: Sequence[int],
     dtype: torch.dtype,
+    absmax_8bit: torch.Tensor | None = None,
+    absmax_code: torch.Tensor | None = None,
+    absmax_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """table[code] * scale; with absmax_8bit given, `absmax` is the nested absmax (see nested_absmax)."""
     _check_blocksize(blocksize)
+    if absmax_8bit is not None:
+        absmax = nested_absmax(absmax_8bit, absmax, absmax_code, absmax_offset)
     n = math.prod(shape)
     table = levels_4bit(quant_type, A.device)
     codes = _unpack_codes(A, n)
@@ -309,9 +315,9 @@ def gemm_4bit(
     absmax_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A @ dequantize(B).T (+ bias), computed in float64 (the accuracy oracle for the matmul kernels)."""
-    if absmax_8bit is not None:
-        absmax = nested_absmax(absmax_8bit, absmax, absmax_code, absmax_offset)
-    weight = dequantize_4bit(B, absmax, blocksize, quant_type, shapeB, torch.float32).double()
+    weight = dequantize_4bit(
+        B, absmax, blocksize, quant_type, shapeB, torch.float32, absmax_8bit, absmax_code, absmax_offset
+    ).double()
     out = A.double() @ weight.T
     if bias is not None:
         out = out + bias.double()

@@ -5,7 +5,8 @@
 // different signs and payloads, infinities, exactly +-1), every 16-bit pattern of bf16 / fp16, float32
 // values on and next to every code threshold, sizes that are odd / not a multiple of the blocksize /
 // span several tiles, misaligned pointers (the guarded fallback path) and a tensor of more than
-// 2^31 elements (compared on its first and last blocks).
+// 2^31 elements (compared on its first and last blocks). 4-bit dequantization with double-quantized
+// scales is compared against the CPU kernel given the scales computed on the host.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -294,6 +295,13 @@ std::vector<uint8_t> download(const void* device, size_t bytes) {
   return host;
 }
 
+// Plain float32 absmax as the scales of cuda::dequantize_4bit.
+cuda::BlockScales plain_scales(const float* absmax) {
+  cuda::BlockScales scales;
+  scales.absmax = absmax;
+  return scales;
+}
+
 // Quantizes `input` with both kernels and compares absmax and packed codes; then dequantizes the
 // CPU's result with both kernels to every output dtype and compares. `offset` shifts every device
 // pointer by that many elements / bytes (misaligned pointers take the guarded path).
@@ -350,8 +358,84 @@ void check_4bit(const RawInput& input, int64_t blocksize, QuantType type, int64_
     HB_CUDA_ASSERT(d_out.status());
     uint8_t* out_ptr = d_out.bytes_ptr() + offset * out_element;
     HB_CUDA_ASSERT(cudaMemset(d_out.get(), 0xEF, d_out.bytes()));
-    HB_CUDA_ASSERT(cuda::dequantize_4bit(packed_ptr, d_absmax.get<float>(), d_table.get<float>(), n,
-                                         blocksize, out_dtype, out_ptr, nullptr));
+    HB_CUDA_ASSERT(cuda::dequantize_4bit(packed_ptr, plain_scales(d_absmax.get<float>()),
+                                         d_table.get<float>(), n, blocksize, out_dtype, out_ptr, nullptr));
+    HB_CUDA_ASSERT(cudaDeviceSynchronize());
+    const std::vector<uint8_t> gpu_out = download(out_ptr, n * out_element);
+    const std::string out_diff =
+        first_difference(cpu_out.data(), gpu_out.data(), cpu_out.size(), out_element);
+    ASSERT_TRUE(out_diff.empty()) << "output " << out_diff;
+  }
+}
+
+// Double-quantized scales: random packed codes (both nibbles of every byte), random absmax codes q, the
+// dynamic map as nested_code, random nested_absmax with group 1 NaN (sign and payload) and group 2
+// infinite. The CPU computes scale[b] = multiply_like_cuda(code[q[b]], absmax2[b / 256]) + offset (a
+// separate float add) and dequantizes with cpu::dequantize_4bit; the GPU dequantizes from q, absmax2,
+// code and offset. `blocks` is the number of blocks, the last one ragged (n odd). `misalign` shifts the
+// output pointer by that many elements (the guarded kernel).
+void check_4bit_nested(int64_t blocksize, int64_t blocks, QuantType type, float offset,
+                       int64_t misalign = 0) {
+  const int64_t n = (blocks - 1) * blocksize + blocksize / 2 + 1;
+  const int64_t groups = (blocks + 255) / 256;
+  SCOPED_TRACE(::testing::Message() << "nested n=" << n << " blocksize=" << blocksize << " blocks=" << blocks
+                                    << " " << type_name(type) << " offset=" << offset
+                                    << " misalign=" << misalign);
+  ASSERT_GE(groups, 4);
+  std::mt19937 generator(static_cast<uint32_t>(blocksize * 7919 + blocks));
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> uniform(0.05f, 3.0f);
+  std::vector<uint8_t> packed((n + 1) / 2);
+  for (uint8_t& p : packed) p = static_cast<uint8_t>(byte(generator));
+  std::vector<uint8_t> q(blocks);
+  for (uint8_t& c : q) c = static_cast<uint8_t>(byte(generator));
+  std::vector<float> absmax2(groups);
+  for (float& a : absmax2) a = uniform(generator);
+  absmax2[1] = bits_to_float(0xffc01234u);  // negative quiet NaN with a payload
+  absmax2[2] = std::numeric_limits<float>::infinity();
+  const std::vector<float> code = dynamic_map();
+  ASSERT_EQ(code.size(), 256u);
+  std::vector<float> scales(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float product = multiply_like_cuda(code[q[b]], absmax2[b / 256]);
+    scales[b] = product + offset;
+  }
+  float table[16];
+  for (int c = 0; c < 16; ++c) table[c] = level_4bit(type, c);
+
+  DeviceBuffer d_packed(packed.size());
+  DeviceBuffer d_q(blocks);
+  DeviceBuffer d_absmax2(groups * sizeof(float));
+  DeviceBuffer d_code(256 * sizeof(float));
+  DeviceBuffer d_offset(sizeof(float));
+  DeviceBuffer d_table(sizeof(table));
+  for (const DeviceBuffer* buffer : {&d_packed, &d_q, &d_absmax2, &d_code, &d_offset, &d_table}) {
+    HB_CUDA_ASSERT(buffer->status());
+  }
+  ASSERT_NO_FATAL_FAILURE(upload(packed.data(), packed.size(), d_packed.get()));
+  ASSERT_NO_FATAL_FAILURE(upload(q.data(), q.size(), d_q.get()));
+  ASSERT_NO_FATAL_FAILURE(upload(absmax2.data(), groups * sizeof(float), d_absmax2.get()));
+  ASSERT_NO_FATAL_FAILURE(upload(code.data(), 256 * sizeof(float), d_code.get()));
+  ASSERT_NO_FATAL_FAILURE(upload(&offset, sizeof(float), d_offset.get()));
+  ASSERT_NO_FATAL_FAILURE(upload(table, sizeof(table), d_table.get()));
+  cuda::BlockScales nested;
+  nested.absmax_codes = d_q.get<uint8_t>();
+  nested.nested_absmax = d_absmax2.get<float>();
+  nested.nested_code = d_code.get<float>();
+  nested.offset = d_offset.get<float>();
+
+  for (DType out_dtype : kDTypes) {
+    SCOPED_TRACE(::testing::Message() << "dequantize to " << dtype_name(out_dtype));
+    const int out_element = dtype_size(out_dtype);
+    std::vector<uint8_t> cpu_out(n * out_element);
+    cpu::dequantize_4bit(packed.data(), scales.data(), table, n, blocksize, out_dtype, cpu_out.data(), 0,
+                         blocks);
+    DeviceBuffer d_out((n + misalign) * out_element);
+    HB_CUDA_ASSERT(d_out.status());
+    uint8_t* out_ptr = d_out.bytes_ptr() + misalign * out_element;
+    HB_CUDA_ASSERT(cudaMemset(d_out.get(), 0xEF, d_out.bytes()));
+    HB_CUDA_ASSERT(cuda::dequantize_4bit(d_packed.get<uint8_t>(), nested, d_table.get<float>(), n, blocksize,
+                                         out_dtype, out_ptr, nullptr));
     HB_CUDA_ASSERT(cudaDeviceSynchronize());
     const std::vector<uint8_t> gpu_out = download(out_ptr, n * out_element);
     const std::string out_diff =
@@ -475,15 +559,36 @@ TEST(CudaBlockwise4bit, MisalignedPointersTakeTheGuardedPath) {
   }
 }
 
+TEST(CudaBlockwise4bit, NestedScalesMatchTheCpuWithHostComputedScales) {
+  HB_SKIP_WITHOUT_CUDA();
+  // 3 * 256 + 77 blocks: four nested groups (NaN, inf, a partial last one), not a multiple of 256.
+  const int64_t blocks = 3 * 256 + 77;
+  for (int64_t blocksize : {int64_t{32}, int64_t{64}, int64_t{4096}}) {
+    ASSERT_NO_FATAL_FAILURE(check_4bit_nested(blocksize, blocks, QuantType::kNF4, 0.0271f));
+    ASSERT_NO_FATAL_FAILURE(check_4bit_nested(blocksize, blocks, QuantType::kFP4, -0.5f));
+  }
+  ASSERT_NO_FATAL_FAILURE(check_4bit_nested(64, blocks, QuantType::kNF4, 0.0271f, /*misalign=*/1));
+}
+
 TEST(CudaBlockwise4bit, EmptyAndInvalidArguments) {
   HB_SKIP_WITHOUT_CUDA();
   EXPECT_EQ(cuda::quantize_4bit(nullptr, DType::kFloat32, 0, 64, QuantType::kNF4, nullptr, nullptr, nullptr),
             cudaSuccess);
-  EXPECT_EQ(cuda::dequantize_4bit(nullptr, nullptr, nullptr, 0, 64, DType::kFloat32, nullptr, nullptr),
-            cudaSuccess);
+  EXPECT_EQ(
+      cuda::dequantize_4bit(nullptr, cuda::BlockScales{}, nullptr, 0, 64, DType::kFloat32, nullptr, nullptr),
+      cudaSuccess);
   EXPECT_EQ(cuda::quantize_4bit(nullptr, DType::kFloat32, 10, 48, QuantType::kNF4, nullptr, nullptr, nullptr),
             cudaErrorInvalidValue);
-  EXPECT_EQ(cuda::dequantize_4bit(nullptr, nullptr, nullptr, 10, 8192, DType::kFloat32, nullptr, nullptr),
+  EXPECT_EQ(cuda::dequantize_4bit(nullptr, cuda::BlockScales{}, nullptr, 10, 8192, DType::kFloat32, nullptr,
+                                  nullptr),
+            cudaErrorInvalidValue);
+  // Neither absmax nor a complete set of nested pointers.
+  float dummy = 0.0f;
+  cuda::BlockScales partial;
+  partial.nested_absmax = &dummy;
+  partial.nested_code = &dummy;
+  partial.offset = &dummy;
+  EXPECT_EQ(cuda::dequantize_4bit(nullptr, partial, nullptr, 10, 64, DType::kFloat32, nullptr, nullptr),
             cudaErrorInvalidValue);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
@@ -592,7 +697,7 @@ TEST(CudaBlockwise, MoreThan2To31Elements) {
     } else {
       HB_CUDA_ASSERT(cuda::quantize_4bit(d_input.get(), DType::kBFloat16, n, c.blocksize, QuantType::kNF4,
                                          d_absmax.get<float>(), d_codes.get<uint8_t>(), nullptr));
-      HB_CUDA_ASSERT(cuda::dequantize_4bit(d_codes.get<uint8_t>(), d_absmax.get<float>(),
+      HB_CUDA_ASSERT(cuda::dequantize_4bit(d_codes.get<uint8_t>(), plain_scales(d_absmax.get<float>()),
                                            d_table.get<float>(), n, c.blocksize, DType::kBFloat16,
                                            d_out.get(), nullptr));
     }

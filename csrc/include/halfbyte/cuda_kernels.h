@@ -22,10 +22,6 @@ cudaError_t table_4bit(QuantType type, const float** device_table);
 cudaError_t quantize_4bit(const void* input, DType input_dtype, int64_t n, int64_t blocksize, QuantType type,
                           float* absmax, uint8_t* packed, cudaStream_t stream);
 
-// `table`: device pointer to 16 float32 levels.
-cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, const float* table, int64_t n,
-                            int64_t blocksize, DType output_dtype, void* output, cudaStream_t stream);
-
 // `code`: device pointer to a sorted 256-entry float32 code.
 cudaError_t quantize_blockwise_8bit(const void* input, DType input_dtype, int64_t n, int64_t blocksize,
                                     const float* code, float* absmax, uint8_t* codes, cudaStream_t stream);
@@ -44,6 +40,15 @@ struct BlockScales {
   const float* nested_code = nullptr;     // nested: 256-entry code
   const float* offset = nullptr;          // nested: device pointer to the 0-dim float32 offset
 };
+
+// output[i] = table[code of i] * scale[i / blocksize] (float32, mul.ftz), cast to output_dtype with
+// round-to-nearest-even. `table`: device pointer to 16 float32 levels. `scales`: plain (absmax set) or
+// double-quantized (absmax nullptr and the four nested pointers set, else cudaErrorInvalidValue); a
+// nested scale is multiply_like_cuda(nested_code[absmax_codes[b]], nested_absmax[b / 256]) + *offset
+// with a separate (unfused) float32 add, bit-identical to computing it so on the CPU and passing it to
+// cpu::dequantize_4bit.
+cudaError_t dequantize_4bit(const uint8_t* packed, BlockScales scales, const float* table, int64_t n,
+                            int64_t blocksize, DType output_dtype, void* output, cudaStream_t stream);
 
 // out[m, j] = sum_k A[m, k] * W[j, k] (+ bias[j]), W = dequantized [N, K] 4-bit weight (row-major
 // codes as written by quantize_4bit), accumulated in float32. A is [M, K] with row stride lda
