@@ -54,7 +54,8 @@ sanitize_filter="CudaBlockwise4bit.SpecialValues:CudaBlockwise4bit.ValuesOnAndNe
 CudaBlockwise4bit.MisalignedPointersTakeTheGuardedPath:CudaBlockwise4bit.EmptyAndInvalidArguments:\
 CudaBlockwise8bit.SpecialValuesAndEvery16BitPattern:CudaBlockwise8bit.MisalignedPointersTakeTheGuardedPath:\
 CudaGemm4bit.SmallAndOddShapes:CudaGemm4bit.EmptyK:CudaGemm4bit.UnalignedPackedWeights:\
-CudaGemm4bit.StridedAndUnalignedA:CudaGemm4bit.BlocksizesAndOddK"
+CudaGemm4bit.StridedAndUnalignedA:CudaGemm4bit.BlocksizesAndOddK:\
+CudaBlockwise4bit.NestedScalesMatchTheCpuWithHostComputedScales"
 step memcheck sanitizer_memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
   "$gtest_build/halfbyte_core_tests" --gtest_filter="$sanitize_filter" --gtest_brief=1
 step racecheck sanitizer_racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 \
