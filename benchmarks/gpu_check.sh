@@ -41,7 +41,16 @@ fi
 
 export HALFBYTE_CUDA=ON HALFBYTE_CUDA_ARCHS="${HALFBYTE_CUDA_ARCHS:-80-real;90-real}"
 step build build.log "$py" -m pip install --no-build-isolation --no-deps -v .
-step pytest pytest.log "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests
+# One pytest process per file: a crash in one file cannot hide the results of the others.
+run_pytest_files() {
+  local rc=0 f
+  for f in tests/test_*.py; do
+    echo "## $f"
+    "$py" -m pytest -q -p no:cacheprovider -m "not slow" "$f" || rc=1
+  done
+  return $rc
+}
+step pytest pytest.log run_pytest_files
 step pytest_large pytest_large.log "$py" -m pytest -q -p no:cacheprovider -m slow -k cuda tests
 
 gtest_build="build/gpu-ctest"
@@ -70,7 +79,7 @@ fi
 echo
 echo "==================== summary ($results) ===================="
 cat "$results/env.txt"
-grep -E "passed|failed|error" "$results/pytest.log" | tail -1 | sed 's/^/pytest: /'
+grep -E "^## |passed|failed|Fatal|[0-9]+ error" "$results/pytest.log" | grep -v "^tests/\|^FAILED\|^ERROR" | paste -d' ' - - | sed 's/^/pytest: /'
 grep -E "passed|failed|error" "$results/pytest_large.log" | tail -1 | sed 's/^/pytest (slow, cuda): /'
 grep -E "PASSED|FAILED" "$results/gtest.log" | tail -2 | sed 's/^/gtest: /'
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$results"/sanitizer_*.log | sed 's/^/sanitizer: /'

@@ -21,7 +21,8 @@ namespace {
 constexpr int64_t kDecodeMaxRows = 16;
 
 void check_cuda(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
+  TORCH_CHECK(status == cudaSuccess,
+              message(op, ": CUDA kernel launch failed: ", cudaGetErrorString(status)));
 }
 
 const float* table_4bit_cuda(QuantType type) {

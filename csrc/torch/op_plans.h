@@ -29,9 +29,10 @@ inline QuantizePlan plan_quantize_4bit(const at::Tensor& A, int64_t blocksize, c
   check_blocksize(op, blocksize);
   QuantizePlan p;
   p.type = parse_quant_type(op, quant_type);
-  TORCH_CHECK_VALUE(quant_storage == at::kByte || quant_storage == at::kHalf ||
-                        quant_storage == at::kBFloat16 || quant_storage == at::kFloat,
-                    op, ": quant_storage must be uint8, float16, bfloat16 or float32, got ", quant_storage);
+  TORCH_CHECK_VALUE(
+      quant_storage == at::kByte || quant_storage == at::kHalf || quant_storage == at::kBFloat16 ||
+          quant_storage == at::kFloat,
+      message(op, ": quant_storage must be uint8, float16, bfloat16 or float32, got ", quant_storage));
   p.input = A.contiguous();
   p.n = A.numel();
   p.blocks = block_count(p.n, blocksize);
@@ -72,11 +73,12 @@ struct DequantizePlan {
 
 inline void check_out(const char* op, const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
                       const at::Tensor& A) {
-  TORCH_CHECK_VALUE(out.sizes() == shape, op, ": out must have shape ", shape, ", got ", out.sizes());
-  TORCH_CHECK_TYPE(out.scalar_type() == dtype, op, ": out must have dtype ", dtype, ", got ",
-                   out.scalar_type());
+  TORCH_CHECK_VALUE(out.sizes() == shape,
+                    message(op, ": out must have shape ", shape, ", got ", out.sizes()));
+  TORCH_CHECK_TYPE(out.scalar_type() == dtype,
+                   message(op, ": out must have dtype ", dtype, ", got ", out.scalar_type()));
   check_same_device(op, "out", out, A);
-  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  TORCH_CHECK_VALUE(out.is_contiguous(), message(op, ": out must be contiguous"));
 }
 
 inline DequantizePlan plan_dequantize_4bit(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
@@ -110,7 +112,8 @@ inline DequantizePlan plan_dequantize_blockwise(const at::Tensor& A, const at::T
                                                 const at::Tensor& code, int64_t blocksize,
                                                 at::ScalarType dtype, const c10::optional<at::Tensor>& out) {
   const char* op = "halfbyte::dequantize_blockwise";
-  TORCH_CHECK_TYPE(A.scalar_type() == at::kByte, op, ": A must be uint8 codes, got ", A.scalar_type());
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kByte,
+                   message(op, ": A must be uint8 codes, got ", A.scalar_type()));
   check_blocksize(op, blocksize);
   check_output_dtype(op, dtype);
   check_code256(op, code, A);
@@ -166,9 +169,9 @@ inline GemvPlan plan_gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::Int
   GemvPlan p{plan_gemm_4bit(op, A, B, shapeB, {}), at::Tensor()};
   check_absmax(op, absmax, block_count(p.gemm.N * p.gemm.K, blocksize), A);
   check_same_device(op, "code", code, A);
-  TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat && code.numel() == 16, op,
-                    ": code must be a float32 tensor of 16 levels, got ", code.scalar_type(), " with ",
-                    code.numel());
+  TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat && code.numel() == 16,
+                    message(op, ": code must be a float32 tensor of 16 levels, got ", code.scalar_type(),
+                            " with ", code.numel()));
   p.table = code.contiguous();
   return p;
 }
