@@ -216,3 +216,14 @@ def test_from_dict_rejects_truncated_or_corrupted_state(mutate, message):
 
 def test_matmul_4bit_is_exported():
     assert halfbyte.matmul_4bit is not None
+
+
+def test_serialized_tables_never_share_memory():
+    # Code tables are shared between states in memory; what as_dict() hands to a serializer must not be
+    # (safetensors refuses tensors that share storage across keys/layers).
+    _, a = _state(True)
+    _, b = _state(True)
+    da, db = a.as_dict(packed=True), b.as_dict(packed=True)
+    pointers = [t.untyped_storage().data_ptr() for d in (da, db) for t in d.values()]
+    assert len(pointers) == len(set(pointers))
+    assert torch.equal(da["quant_map"], a.code) and torch.equal(da["nested_quant_map"], a.state2.code)

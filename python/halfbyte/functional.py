@@ -32,7 +32,7 @@ create_normal_map = reference.create_normal_map
 
 
 @functools.cache
-def _cached_code(name: str, device: torch.device) -> torch.Tensor:
+def _cached_code(name: str, device: torch.device | str) -> torch.Tensor:
     if name == "dynamic":
         return create_dynamic_map().to(device)
     return reference.table_4bit(name, device)
@@ -41,7 +41,7 @@ def _cached_code(name: str, device: torch.device) -> torch.Tensor:
 def _code(name: str, device) -> torch.Tensor:
     """A private copy of a built-in code on `device` (device-side copy of a per-device cached table, so
     no host-to-device transfer happens after the first call: CUDA graph capture stays possible)."""
-    return _cached_code(name, torch.device(device)).clone()
+    return _cached_code(name, device).clone()
 
 
 def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tensor:
@@ -195,7 +195,7 @@ def quantize_4bit(
             f"quantize_4bit: quant_storage must be uint8, float16, bfloat16 or float32, got {quant_storage}"
         )
     packed, block_absmax = torch.ops.halfbyte.quantize_4bit(A, blocksize, quant_type, quant_storage)
-    code = _code(quant_type, A.device)
+    code = _cached_code(quant_type, A.device)  # shared, never written; as_dict() serializes a copy
     if compress_statistics:
         offset = _mean_offset(block_absmax)
         dynamic = _cached_code("dynamic", block_absmax.device)  # shared; as_dict() serializes a copy

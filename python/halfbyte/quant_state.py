@@ -164,7 +164,8 @@ class QuantState:
             "quant_type": self.quant_type,
             "absmax": self.absmax,
             "blocksize": self.blocksize,
-            "quant_map": self.code,
+            # a copy: the code table may be shared by many states (safetensors refuses shared tensors)
+            "quant_map": self.code.clone() if isinstance(self.code, torch.Tensor) else self.code,
             "dtype": _dtype_name(self.dtype),
             "shape": tuple(self.shape) if self.shape is not None else None,
         }
@@ -173,8 +174,7 @@ class QuantState:
                 {
                     "nested_absmax": self.state2.absmax,
                     "nested_blocksize": self.state2.blocksize,
-                    # a copy, so safetensors does not see it shared with another layer's map
-                    "nested_quant_map": self.state2.code.clone(),
+                    "nested_quant_map": self.state2.code.clone(),  # a copy, as quant_map
                     "nested_dtype": _dtype_name(self.state2.dtype),
                     "nested_offset": self.offset.item(),
                 }
