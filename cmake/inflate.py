@@ -1,4 +1,5 @@
 """Build step: write the zlib-decompressed bytes of argv[1] to argv[2]."""
+
 import sys
 import zlib
 
