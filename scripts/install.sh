@@ -21,6 +21,8 @@ py="$venv/bin/python"
 # Build tools (no build isolation: the build must see the torch installed above) and test/benchmark deps.
 "$py" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.24" ninja pytest scipy \
   "bitsandbytes==0.50.2" ruff clang-format
+# Hugging Face integration, layers and QLoRA (halfbyte.nn, HalfbyteConfig, peft adapters).
+"$py" -m pip install -q "transformers==5.23.0" "peft==0.21.2" "accelerate>=1.0" "safetensors>=0.4" tqdm
 
 if [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDACXX=/usr/local/cuda/bin/nvcc

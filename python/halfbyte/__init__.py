@@ -11,14 +11,16 @@ from . import (  # noqa: F401
     _C,  # noqa: F401  (registers torch.ops.halfbyte.*)
     _ops,
     functional,
+    nn,
     reference,
 )
 from .autograd import matmul_4bit
+from .nn import replace_linear
 from .quant_state import QuantState
 
 __version__ = _C.__version__
 
-__all__ = ["QuantState", "build_info", "functional", "matmul_4bit", "reference"]
+__all__ = ["QuantState", "build_info", "functional", "matmul_4bit", "nn", "reference", "replace_linear"]
 
 
 def build_info() -> dict:

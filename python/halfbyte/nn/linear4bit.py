@@ -1,0 +1,160 @@
+"""Linear4bit, LinearNF4, LinearFP4: nn.Linear with a 4-bit weight, as bitsandbytes' layers.
+
+The weight is a Params4bit: it is quantized when the layer is moved to a device (``layer.to("cuda")``,
+``.cuda()``, ``.cpu()``), or loaded already quantized from a state dict. ``forward`` casts the input to
+``compute_dtype`` (when set), runs ``halfbyte.matmul_4bit`` (one fused op for every batch size, with autograd to
+the input and the bias, and no graph breaks under torch.compile) and casts the result back to the input's
+dtype. With ``compute_dtype=None`` the layer computes in the input's dtype.
+
+Unlike bitsandbytes the layer keeps no hidden per-call state: the compute dtype is not changed by the first
+input, and the bias parameter is not cast in place.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..autograd import matmul_4bit
+from .params4bit import Params4bit
+from .quantized_state_dict import QuantizedWeightStateDict
+
+logger = logging.getLogger("halfbyte")
+_warned_slow_compute_dtype = False
+
+
+def _warn_slow_compute_dtype_once(x: torch.Tensor, compute_dtype: torch.dtype | None) -> None:
+    """Log once per process when a CUDA layer will compute in float32 (the tensor-core paths need 16 bits)."""
+    global _warned_slow_compute_dtype
+    if _warned_slow_compute_dtype or torch.compiler.is_compiling():
+        return
+    effective = compute_dtype if compute_dtype is not None else x.dtype
+    if x.device.type == "cuda" and effective == torch.float32:
+        _warned_slow_compute_dtype = True
+        logger.warning(
+            "Linear4bit computes in float32 (input dtype %s, compute_dtype %s): this is slow on the GPU. Pass "
+            "compute_dtype=torch.bfloat16 (or float16) to the layer / HalfbyteConfig(bnb_4bit_compute_dtype=...).",
+            x.dtype,
+            compute_dtype,
+        )
+
+
+def ensure_quant_state(module: nn.Module) -> None:
+    """Make ``module.weight`` a quantized Params4bit with its QuantState, or raise a clear error.
+
+    A wrapper that flattens parameters (FSDP) can hand back the packed bytes as a plain Parameter; the module's
+    own ``quant_state`` then restores it (as bitsandbytes does)."""
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not None and getattr(weight, "bnb_quantized", True):
+        return
+    state = getattr(module, "quant_state", None)
+    if state is None or weight.dim() != 2 or weight.shape[1] != 1:
+        raise RuntimeError(
+            f"{type(module).__name__}: the weight is not quantized yet. Move the layer to a device to quantize it "
+            "(layer.to('cuda') / .cuda() / .cpu()), or load a quantized state dict"
+        )
+    if not isinstance(weight, Params4bit):
+        module.weight = Params4bit(
+            weight.data, quant_storage=weight.dtype, quant_type=state.quant_type, blocksize=state.blocksize,
+            compress_statistics=state.nested, module=module, bnb_quantized=True,
+        )  # fmt: skip
+    module.weight.quant_state = state
+
+
+class Linear4bit(QuantizedWeightStateDict, nn.Linear):
+    """A Linear layer with a 4-bit (NF4 or FP4) weight; ``blocksize`` values per absmax (64 by default)."""
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        device=None,
+        blocksize: int = 64,
+    ):
+        if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(
+                f"Linear4bit: compute_dtype must be float16, bfloat16, float32 or None, got {compute_dtype}"
+            )
+        super().__init__(input_features, output_features, bias, device)
+        self.weight = Params4bit(
+            self.weight.data,
+            requires_grad=False,
+            blocksize=blocksize,
+            compress_statistics=compress_statistics,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+            module=self,
+        )
+        self.compute_dtype = compute_dtype
+        self.compute_type_is_set = compute_dtype is not None
+        self.quant_state = None
+        self.quant_storage = quant_storage
+
+    def _expected_weight_shape(self) -> list[int]:
+        return [self.out_features, self.in_features]
+
+    def set_compute_type(self, x: torch.Tensor) -> None:
+        """bitsandbytes' name for the dtype check; here it only warns (the dtype is resolved per call)."""
+        _warn_slow_compute_dtype_once(x, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ensure_quant_state(self)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear4bit: input has {x.shape[-1]} features in its last dimension (shape {list(x.shape)}), the "
+                f"layer expects in_features={self.in_features}"
+            )
+        self.set_compute_type(x)
+        input_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return matmul_4bit(x, self.weight, quant_state=self.weight.quant_state, bias=bias).to(input_dtype)
+
+    def extra_repr(self) -> str:
+        weight = self.weight
+        return (
+            f"{super().extra_repr()}, quant_type={weight.quant_type}, blocksize={weight.blocksize}, "
+            f"compress_statistics={weight.compress_statistics}, compute_dtype={self.compute_dtype}"
+        )
+
+
+def _init_with_quant_type(quant_type: str):
+    """__init__ of a Linear4bit with a fixed quant_type (bitsandbytes' positional signature, less quant_type)."""
+
+    def __init__(
+        self,
+        input_features,
+        output_features,
+        bias=True,
+        compute_dtype=None,
+        compress_statistics=True,
+        quant_storage=torch.uint8,
+        device=None,
+        blocksize: int = 64,
+    ):
+        Linear4bit.__init__(
+            self, input_features, output_features, bias, compute_dtype, compress_statistics, quant_type,
+            quant_storage, device, blocksize,
+        )  # fmt: skip
+
+    return __init__
+
+
+class LinearFP4(Linear4bit):
+    """Linear4bit with quant_type='fp4'."""
+
+    __init__ = _init_with_quant_type("fp4")
+
+
+class LinearNF4(Linear4bit):
+    """Linear4bit with quant_type='nf4' (levels at the quantiles of a normal distribution; QLoRA's format)."""
+
+    __init__ = _init_with_quant_type("nf4")
