@@ -56,6 +56,8 @@ run_pytest_files() {
   return $rc
 }
 step pytest pytest.log run_pytest_files
+# QLoRA on the GPU with its peak memory (the test prints a QLORA_PEAK_MEMORY line under -s).
+step qlora qlora.log "$py" -m pytest -q -s -p no:cacheprovider -k cuda tests/test_qlora.py
 step pytest_large pytest_large.log "$py" -m pytest -q -p no:cacheprovider -m slow -k cuda tests
 
 gtest_build="build/gpu-ctest"
@@ -87,8 +89,9 @@ cat "$results/env.txt"
 grep "^RESULT" "$results/pytest.log" | sed 's/^RESULT /pytest: /'
 grep -E "passed|failed|error" "$results/pytest_large.log" | tail -1 | sed 's/^/pytest (slow, cuda): /'
 grep -E "PASSED|FAILED" "$results/gtest.log" | tail -2 | sed 's/^/gtest: /'
+grep -h "QLORA_PEAK_MEMORY" "$results/qlora.log" | sed 's/^/qlora: /'
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$results"/sanitizer_*.log | sed 's/^/sanitizer: /'
-for name in build pytest pytest_large gtest_build gtest memcheck racecheck bench_quantize bench_gemm; do
+for name in build pytest qlora pytest_large gtest_build gtest memcheck racecheck bench_quantize bench_gemm; do
   [ -n "${status[$name]:-}" ] && printf '%-15s %s\n' "$name" "${status[$name]}"
 done
 if [ "$bench" = 1 ]; then

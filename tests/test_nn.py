@@ -256,17 +256,18 @@ def test_torch_compile_fullgraph_of_a_linear4bit_model(device):
 # ---- state dicts -------------------------------------------------------------------------------------
 
 
-def state_dict_of_bnb_layer(weight, bias, quant_type, nested):
+def state_dict_of_bnb_layer(weight, bias, quant_type, nested, device="cpu"):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: state dicts not compared")
     layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], quant_type=quant_type, compress_statistics=nested)
     layer.weight.data.copy_(weight)
     layer.bias.data.copy_(bias)
-    return layer.to("cpu").state_dict()
+    return layer.to(device).state_dict()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
-def test_state_dict_has_bitsandbytes_keys_and_bytes(quant_type, nested):
+def test_state_dict_has_bitsandbytes_keys_and_bytes(device, quant_type, nested):
     weight = random_tensor((48, 128), torch.float32, seed=1)
     # no value that rounds to zero magnitude: bitsandbytes' CPU fallback writes FP4's -0 code for those where its
     # CUDA kernels (and halfbyte) write +0 (tests/test_bnb_parity.py documents the divergences)
@@ -274,8 +275,8 @@ def test_state_dict_has_bitsandbytes_keys_and_bytes(quant_type, nested):
     bias = random_tensor((48,), torch.float32, seed=2)
     layer = Linear4bit(128, 48, quant_type=quant_type, compress_statistics=nested)
     layer.load_state_dict({"weight": weight, "bias": bias})
-    ours = layer.to("cpu").state_dict()
-    theirs = state_dict_of_bnb_layer(weight, bias, quant_type, nested)
+    ours = layer.to(device).state_dict()
+    theirs = state_dict_of_bnb_layer(weight, bias, quant_type, nested, device)
     assert list(ours) == list(theirs)
     for key in ours:
         assert_same_bits(ours[key], theirs[key], key)
