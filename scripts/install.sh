@@ -24,6 +24,8 @@ py="$venv/bin/python"
 # Hugging Face integration, layers and QLoRA (halfbyte.nn, HalfbyteConfig, peft adapters).
 "$py" -m pip install -q "transformers==5.23.0" "peft==0.21.2" "accelerate>=1.0" "safetensors>=0.4" tqdm
 
+# API reference (mkdocs build --strict) and the notebooks (run by nbclient in the tests).
+"$py" -m pip install -q "mkdocs==1.6.1" "mkdocstrings[python]>=0.26" nbclient nbformat ipykernel matplotlib
 if [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDACXX=/usr/local/cuda/bin/nvcc
 fi

@@ -64,7 +64,20 @@ def ensure_quant_state(module: nn.Module) -> None:
 
 
 class Linear4bit(QuantizedWeightStateDict, nn.Linear):
-    """A Linear layer with a 4-bit (NF4 or FP4) weight; ``blocksize`` values per absmax (64 by default)."""
+    """A Linear layer with a 4-bit (NF4 or FP4) weight, quantized when the layer is moved to a device.
+
+    Args:
+        input_features: in_features of the layer (K).
+        output_features: out_features (N); the weight is [N, K].
+        bias: whether the layer has a bias (kept in full precision).
+        compute_dtype: dtype the matmul runs in (the input is cast to it and the output cast back); None
+            computes in the input's dtype. float32 on a GPU is slow (a warning says so once).
+        compress_statistics: double-quantize the absmax (8-bit codes, one float per 256 blocks).
+        quant_type: "fp4" (bitsandbytes' default) or "nf4".
+        quant_storage: dtype of the packed weight tensor (uint8, or a float dtype for FSDP).
+        device: where the float weight is created; quantization happens on ``.to(device)``.
+        blocksize: values per absmax, a power of two from 32 to 4096 (64 by default).
+    """
 
     def __init__(
         self,
@@ -75,7 +88,7 @@ class Linear4bit(QuantizedWeightStateDict, nn.Linear):
         compress_statistics: bool = True,
         quant_type: str = "fp4",
         quant_storage: torch.dtype = torch.uint8,
-        device=None,
+        device: torch.device | str | None = None,
         blocksize: int = 64,
     ):
         if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
