@@ -87,8 +87,13 @@ def test_quantized_params4bit_ignores_dtype_casts(storage):
     for cast in (param.to(torch.float16), param.to("cpu", torch.float32)):
         assert isinstance(cast, Params4bit) and cast.bnb_quantized
         assert_same_bits(cast.data, before, "packed bytes after a dtype cast")
-    layer = Linear4bit(64, 16, quant_storage=storage).to("cpu").to(torch.float16)
-    assert layer.weight.dtype == storage and layer.bias.dtype == torch.float16
+    layer = Linear4bit(64, 16, quant_storage=storage).to("cpu")
+    packed = layer.weight.data.clone()
+    for cast in (lambda m: m.to(torch.float16), nn.Module.half, nn.Module.float, nn.Module.bfloat16):
+        cast(layer)
+        assert isinstance(layer.weight, Params4bit) and layer.weight.bnb_quantized
+        assert_same_bits(layer.weight.data, packed, "packed bytes after a module cast")
+    assert layer.bias.dtype == torch.bfloat16
 
 
 def test_copy_deepcopy_and_pickle():

@@ -154,6 +154,22 @@ class Params4bit(torch.nn.Parameter):
         moved = super().to(device=device, dtype=dtype, non_blocking=non_blocking)
         return Params4bit(moved, requires_grad=self.requires_grad, **self._attributes())
 
+    def _cast(self, dtype: torch.dtype) -> torch.Tensor:
+        # Module.half() / .float() / .bfloat16() reach here for a float quant_storage: packed bytes stay as they are
+        return self if self.bnb_quantized else self.to(dtype)
+
+    def half(self, memory_format=torch.preserve_format):
+        return self._cast(torch.float16)
+
+    def float(self, memory_format=torch.preserve_format):
+        return self._cast(torch.float32)
+
+    def bfloat16(self, memory_format=torch.preserve_format):
+        return self._cast(torch.bfloat16)
+
+    def double(self, memory_format=torch.preserve_format):
+        return self._cast(torch.float64)
+
     # ---- copy, deepcopy, pickle -----------------------------------------------------------------------
 
     def _attributes(self) -> dict[str, Any]:
