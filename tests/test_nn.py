@@ -472,7 +472,7 @@ def test_replace_linear_converts_in_place():
     ids = torch.randint(0, 20, (2, 7))
     expected = model(ids)
     returned = replace_linear(model, quant_type="nf4", compute_dtype=torch.float32, skip_modules=["lm_head", "vision"])
-    assert returned is model and model.is_loaded_in_4bit
+    assert returned is model and not hasattr(model, "is_loaded_in_4bit")  # transformers would import bitsandbytes
     converted = {name for name, m in model.named_modules() if isinstance(m, Linear4bit)}
     assert converted == {"blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"}
     assert type(model.lm_head) is nn.Linear and type(model.vision) is nn.Linear

@@ -64,8 +64,8 @@ def test_qlora_training_save_reload_and_merge(device, tmp_path):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = quantized_llama(device)
-    model = peft.prepare_model_for_kbit_training(model)  # peft's own: freezes, enables checkpointing
-    assert model.is_gradient_checkpointing
+    model = halfbyte.peft.prepare_model_for_kbit_training(model)  # peft's: freezes, enables checkpointing
+    assert model.is_gradient_checkpointing and "is_loaded_in_4bit" not in vars(model)
     assert all(p.dtype == torch.uint8 for n, p in model.named_parameters() if "proj" in n and "weight" in n)
     before = snapshot(model)
     config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)

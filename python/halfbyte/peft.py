@@ -5,11 +5,11 @@ custom-module registration: ``LoraLinear4bit`` is peft's own dense LoRA layer (f
 the float adapter) with merging and unmerging done the 4-bit way (dequantize, add the adapter's delta,
 quantize again into a new 4-bit weight in the same format). Use:
 
-    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft import LoraConfig
     import halfbyte.peft
 
     model = halfbyte.replace_linear(model, quant_type="nf4", compute_dtype=torch.bfloat16)  # or HalfbyteConfig
-    model = prepare_model_for_kbit_training(model)
+    model = halfbyte.peft.prepare_model_for_kbit_training(model)  # peft's, with gradient checkpointing
     model = halfbyte.peft.get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
     ...train...
     model.save_pretrained("adapter")
@@ -34,7 +34,7 @@ from . import functional as F
 from .nn.linear4bit import Linear4bit
 from .nn.params4bit import requantized
 
-__all__ = ["LoraLinear4bit", "get_peft_model", "load_adapter", "register"]
+__all__ = ["LoraLinear4bit", "get_peft_model", "load_adapter", "prepare_model_for_kbit_training", "register"]
 
 
 class LoraLinear4bit(PeftLoraLinear):
@@ -87,6 +87,27 @@ class LoraLinear4bit(PeftLoraLinear):
             if self.lora_bias[adapter]:
                 base = self.get_base_layer()
                 base.bias.data = base.bias.data - self.lora_B[adapter].bias.to(base.bias.dtype)
+
+
+def prepare_model_for_kbit_training(model: torch.nn.Module, use_gradient_checkpointing: bool = True, **kwargs):
+    """peft's ``prepare_model_for_kbit_training`` for a model with halfbyte 4-bit layers: freezes the base,
+    upcasts the remaining 16-bit parameters to float32 (never the packed 4-bit weights) and enables gradient
+    checkpointing.
+
+    peft turns checkpointing on only for models marked ``is_loaded_in_4bit``, a flag halfbyte does not leave
+    on the model (transformers imports bitsandbytes whenever it sees it), so it is set for this call only."""
+    marked = "is_loaded_in_4bit" in vars(model)
+    previous = getattr(model, "is_loaded_in_4bit", None)
+    model.is_loaded_in_4bit = True
+    try:
+        return peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=use_gradient_checkpointing, **kwargs
+        )
+    finally:
+        if marked:
+            model.is_loaded_in_4bit = previous
+        else:
+            del model.is_loaded_in_4bit
 
 
 def register(config: peft.LoraConfig) -> peft.LoraConfig:

@@ -54,8 +54,8 @@ def replace_linear(
         quant_storage: dtype of the packed weight tensor (uint8 by default; FSDP wants the compute dtype).
         progress: show a progress bar (None: only for models with at least 1e8 Linear weights).
 
-    Also sets ``model.is_loaded_in_4bit = True`` when a layer was converted, which peft's
-    ``prepare_model_for_kbit_training`` reads.
+    The model is not marked ``is_loaded_in_4bit`` (transformers then imports bitsandbytes to count
+    parameters); use ``halfbyte.peft.prepare_model_for_kbit_training`` to prepare it for QLoRA.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"replace_linear: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -96,6 +96,4 @@ def replace_linear(
         del weight, linear  # the float weight is released once quantized (if nothing else holds it)
         if replacement.weight.device.type != "meta":
             replacement.weight = replacement.weight.to(replacement.weight.device)
-    if names:
-        model.is_loaded_in_4bit = True
     return model
