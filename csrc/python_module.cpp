@@ -23,9 +23,15 @@ std::vector<std::string> compiled_kernels() {
   std::vector<std::string> kernels = {"cpu:quantize_4bit",      "cpu:dequantize_4bit",
                                       "cpu:quantize_blockwise", "cpu:dequantize_blockwise",
                                       "cpu:gemm_4bit",          "cpu:gemv_4bit"};
+  for (const char* name :
+       {"cpu:int8_vectorwise_quant", "cpu:int8_linear_matmul", "cpu:int8_mm_dequant", "cpu:int8_linear"}) {
+    kernels.emplace_back(name);
+  }
 #ifdef HALFBYTE_WITH_CUDA
-  for (const char* name : {"cuda:quantize_4bit", "cuda:dequantize_4bit", "cuda:quantize_blockwise",
-                           "cuda:dequantize_blockwise", "cuda:gemm_4bit", "cuda:gemv_4bit"}) {
+  for (const char* name :
+       {"cuda:quantize_4bit", "cuda:dequantize_4bit", "cuda:quantize_blockwise", "cuda:dequantize_blockwise",
+        "cuda:gemm_4bit", "cuda:gemv_4bit", "cuda:int8_vectorwise_quant", "cuda:int8_mm_dequant",
+        "cuda:int8_weight_only_linear"}) {
     kernels.emplace_back(name);
   }
 #endif

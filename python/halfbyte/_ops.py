@@ -221,3 +221,6 @@ def _gemm_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("halfbyte::gemm_4bit", _gemm_backward, setup_context=_gemm_setup_context)
+
+
+from . import _ops_int8  # noqa: E402, F401  (fake kernels and autograd of the INT8 ops)

@@ -289,3 +289,19 @@ def gemv_4bit(
         torch.ops.halfbyte.gemv_4bit.out(*args, out=out)
         return out
     return torch.ops.halfbyte.gemv_4bit(*args)
+
+
+# ---- the INT8 tier (row-wise int8, LLM.int8): functional_int8.py -----------------------------------------
+from .functional_int8 import (  # noqa: E402
+    int8_double_quant,
+    int8_linear,
+    int8_linear_matmul,
+    int8_mm_dequant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+)
+
+__all__ += [
+    "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant",
+    "int8_double_quant", "int8_linear",
+]  # fmt: skip

@@ -332,3 +332,14 @@ def gemv_4bit(
     scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
     weight = multiply_like_cuda(code.to(torch.float32)[codes], scale).reshape(shapeB).double()
     return A.double() @ weight.T
+
+
+# ---- the INT8 tier (row-wise int8, LLM.int8): stated in reference_int8.py ------------------------------
+from .reference_int8 import (  # noqa: E402, F401
+    int8_linear,
+    int8_linear_matmul,
+    int8_mm_dequant,
+    int8_scaled_mm,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+)

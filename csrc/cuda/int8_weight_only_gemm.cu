@@ -1,0 +1,340 @@
+// Weight-only int8 linear for decode-sized batches: out[m, n] = fma(sum_k A[m, k] * W[n, k], SCB[n] / 127,
+// bias[n]) for 1 <= M <= 16 rows of float16 / bfloat16 activations A and the int8 weight W [N, K] of a
+// Linear8bitLt (row-major codes, one float32 absmax SCB per row). A is not quantized; the int8 weights are
+// converted exactly to A's 16-bit type and multiplied on the tensor cores with float32 accumulation.
+//
+// Algorithm: mma.sync m16n8k16 with the weight as the 16x16 operand (16 rows of W) and A^T as the 16x8
+// one (8 rows of A; kNT = 2 tiles for M > 8). A thread block owns 16 * kMT rows of W (kMT = 1 or 2) and
+// its warps (8 or 16) split K into 64-column segments, segment s going to warp s % warps. In a segment,
+// lane (g, q) = (lane / 4, lane % 4) loads 16 consecutive bytes of W at column 64s + 16q for rows g and
+// g + 8 of each 16-row tile (one 16-byte load each; the 4 lanes of a row read 64 contiguous bytes), and the
+// same 16 columns of rows g (+ 8 per tile) of A (two 16-byte loads). MMA step u (0..3) takes bytes 4u..4u+3
+// of the lane's chunk as its k-slots (2q, 2q+1, 2q+8, 2q+9) and the same four columns of A for the other
+// operand: the k order inside an MMA is permuted, identically for both operands, so the dot products are
+// unchanged. An int8 value x becomes a 16-bit float exactly: bfloat16 through the float32 2^23 + (x + 128)
+// bit pattern minus 2^23 + 128 (the integer has at most 8 significant bits, so its bfloat16 is the float32's
+// upper half), float16 through the half 1024 + (x + 128) pattern minus 1152, two values per operation. Each
+// warp keeps kStages segments in flight (registers, loaded kStages segments ahead of the one it multiplies).
+// At the end the warps' partial sums meet in shared memory; one thread per output sums them, applies
+// SCB[n] * (1/127) and the bias with one fma in float32 and stores in A's dtype.
+//
+// Layout: A [M, K] with row stride lda elements (lda % 8 == 0, 16-byte aligned), W [N, K] row-major int8
+// (16-byte aligned), out [M, N] contiguous. K % 16 == 0 (a lane's 16-byte chunk never straddles the end of
+// a row; a last segment shorter than 64 leaves the lanes past K idle). Rows of W past N and of A past M
+// are read as zeros and never written.
+//
+// Limits: sm_80 or newer (mma.sync bf16); 64-bit indices; N < 2^35 (grid x). The launcher returns
+// cudaErrorInvalidValue for anything int8_weight_only_linear_supported rejects; the op falls back to a
+// float32 ATen matmul there.
+//
+// Expected bottleneck: reading W once, one byte per weight, half the bytes of a bfloat16 F.linear, so at
+// M = 1 about 2x faster than bfloat16 on the same memory system. Per 16 weight bytes a lane issues one
+// 16-byte load, ~2 loads of A (L1/L2 hits), the conversions (~2.6 instructions per weight for bfloat16,
+// ~1 for float16) and 4 * kNT MMAs: about 3 instructions per weight byte at M <= 8, below the ~9 per byte
+// an SM can issue at 3 TB/s across 132 SMs. A is re-read by every thread block from L2 (M * K * 2 bytes per
+// block of 16 * kMT rows of W), which is why kMT = 2 is used when N leaves enough blocks.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "halfbyte/int8_cuda_kernels.h"
+
+namespace halfbyte::cuda {
+namespace {
+
+constexpr int kF16 = static_cast<int>(DType::kFloat16);
+constexpr int kBF16 = static_cast<int>(DType::kBFloat16);
+constexpr int kMaxWarps = 16;
+constexpr int kSegment = 64;  // columns of K per segment: 4 lanes x 16 bytes
+constexpr int kMaxDevices = 64;
+
+struct WeightOnlyArgs {
+  const unsigned short* A;  // [M, K], row stride lda
+  int64_t lda;
+  int M;
+  int64_t K;
+  int64_t N;
+  const int8_t* W;             // [N, K]
+  const float* row_scale;      // [N]
+  const unsigned short* bias;  // [N] or nullptr
+  unsigned short* out;         // [M, N]
+};
+
+// Streamed once: keep out of L1, ask L2 for 256-byte lines. volatile: never speculated past its guard.
+__device__ __forceinline__ uint4 load_stream_16(const int8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word_at(const uint4& v, int w) {
+  return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+}
+
+// The four int8 of `word` (element 0 in the low byte) as two 16-bit pairs of kDType, exactly:
+// lo = {e0, e1}, hi = {e2, e3}, first element in the low half.
+template <int kDType>
+__device__ __forceinline__ void int8x4_to_pairs(uint32_t word, uint32_t& lo, uint32_t& hi) {
+  const uint32_t biased = word ^ 0x80808080u;  // x + 128 in each byte
+  if constexpr (kDType == kBF16) {
+    constexpr float kMagic = 8388736.0f;  // 2^23 + 128
+    const float f0 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440)) - kMagic;
+    const float f1 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7441)) - kMagic;
+    const float f2 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7442)) - kMagic;
+    const float f3 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7443)) - kMagic;
+    lo = __byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632);
+    hi = __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632);
+  } else {
+    const uint32_t h01 = __byte_perm(biased, 0x64646464u, 0x4140);  // halves 1024 + (x + 128)
+    const uint32_t h23 = __byte_perm(biased, 0x64646464u, 0x4342);
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(h01), "r"(0x64806480u));  // - 1152
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(hi) : "r"(h23), "r"(0x64806480u));
+  }
+}
+
+template <int kDType>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kDType == kBF16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ float half_bits_to_float(int dtype, unsigned short bits) {
+  return dtype == kBF16 ? __uint_as_float(static_cast<uint32_t>(bits) << 16)
+                        : __half2float(__ushort_as_half(bits));
+}
+
+__device__ __forceinline__ unsigned short float_to_half_bits(int dtype, float v) {
+  return dtype == kBF16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v)) : __half_as_ushort(__float2half_rn(v));
+}
+
+// Segments in flight per warp: the registers of a segment grow with kMT (W) and kNT (A); with more than
+// 16 + 16 bytes per lane and segment, 2 stay within the 128 registers of a 512-thread block.
+template <int kMT, int kNT>
+constexpr int stages() {
+  return kMT + kNT == 2 ? 4 : 2;
+}
+
+template <int kMT, int kNT>
+struct Segment {
+  uint4 w[kMT][2];  // rows 16*mt + g and 16*mt + g + 8 of the block's tile: 16 bytes at column 64s + 16q
+  uint4 a[kNT][2];  // row 8*nt + g of A: columns 64s + 16q + [0, 8) and [8, 16)
+};
+
+template <int kDType, int kMT, int kNT>
+__global__ void __launch_bounds__(kMaxWarps * 32) int8_weight_only_mma_kernel(const WeightOnlyArgs args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int kRows = 16 * kMT;
+  constexpr int kCols = 8 * kNT;
+  constexpr int kStages = stages<kMT, kNT>();
+  __shared__ float partial[kMaxWarps][kRows][kCols + 1];
+  const int warps = static_cast<int>(blockDim.x >> 5);
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t segments = (args.K + kSegment - 1) / kSegment;
+
+  const int8_t* w_row[kMT][2];
+  bool w_valid[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + 16 * mt + 8 * h + g;
+      w_valid[mt][h] = row < args.N;
+      w_row[mt][h] = args.W + (w_valid[mt][h] ? row : 0) * args.K + 16 * q;
+    }
+  }
+  const unsigned short* a_row[kNT];
+  bool a_valid[kNT];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int m = 8 * nt + g;
+    a_valid[nt] = m < args.M;
+    a_row[nt] = args.A + (a_valid[nt] ? m : 0) * args.lda + 16 * q;
+  }
+
+  auto load = [&](Segment<kMT, kNT>& s, int64_t segment) {
+    const int64_t k0 = segment * kSegment;
+    const bool chunk = segment < segments && k0 + 16 * q < args.K;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        s.w[mt][h] = chunk && w_valid[mt][h] ? load_stream_16(w_row[mt][h] + k0) : zero;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      const bool ok = chunk && a_valid[nt];
+      s.a[nt][0] = ok ? __ldg(reinterpret_cast<const uint4*>(a_row[nt] + k0)) : zero;
+      s.a[nt][1] = ok ? __ldg(reinterpret_cast<const uint4*>(a_row[nt] + k0 + 8)) : zero;
+    }
+  };
+
+  float acc[kMT][kNT][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+    }
+  }
+
+  auto multiply = [&](const Segment<kMT, kNT>& s) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      uint32_t wa[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        // registers 0 / 2: row g, k-slots (2q, 2q+1) / (2q+8, 2q+9); registers 1 / 3: the same for row g + 8
+        int8x4_to_pairs<kDType>(word_at(s.w[mt][0], u), wa[mt][0], wa[mt][2]);
+        int8x4_to_pairs<kDType>(word_at(s.w[mt][1], u), wa[mt][1], wa[mt][3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        const uint4& av = s.a[nt][u >> 1];
+        const uint32_t b0 = (u & 1) ? av.z : av.x;  // columns 4u, 4u+1 of the lane's 16
+        const uint32_t b1 = (u & 1) ? av.w : av.y;  // columns 4u+2, 4u+3
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) mma_16816<kDType>(acc[mt][nt], wa[mt], b0, b1);
+      }
+    }
+  };
+
+  Segment<kMT, kNT> slot[kStages];
+#pragma unroll
+  for (int j = 0; j < kStages; ++j) load(slot[j], warp + static_cast<int64_t>(j) * warps);
+  for (int64_t base = warp; base < segments; base += static_cast<int64_t>(kStages) * warps) {
+#pragma unroll
+    for (int j = 0; j < kStages; ++j) {
+      const int64_t segment = base + static_cast<int64_t>(j) * warps;
+      if (segment < segments) multiply(slot[j]);
+      load(slot[j], segment + static_cast<int64_t>(kStages) * warps);
+    }
+  }
+
+  // acc[mt][nt][i]: row 16*mt + g + 8*(i/2) of the tile, row 8*nt + 2q + i%2 of A.
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        partial[warp][16 * mt + g + 8 * (i >> 1)][8 * nt + 2 * q + (i & 1)] = acc[mt][nt][i];
+    }
+  }
+  __syncthreads();
+  for (int idx = static_cast<int>(threadIdx.x); idx < kRows * args.M; idx += static_cast<int>(blockDim.x)) {
+    const int m = idx / kRows;
+    const int r = idx - m * kRows;
+    const int64_t n = row0 + r;
+    if (n < args.N) {
+      float total = 0.0f;
+      for (int w = 0; w < warps; ++w) total += partial[w][r][m];
+      const float scale = __fmul_rn(__ldg(args.row_scale + n), kInt8Inverse127);
+      const float bias = args.bias != nullptr ? half_bits_to_float(kDType, __ldg(args.bias + n)) : 0.0f;
+      args.out[static_cast<int64_t>(m) * args.N + n] = float_to_half_bits(kDType, fmaf(total, scale, bias));
+    }
+  }
+#endif
+}
+
+// Multiprocessor count and compute capability of a device, queried once (no stream work).
+struct DeviceInfo {
+  int sms = 0;
+  int major = 0;
+};
+
+DeviceInfo device_info() {
+  static std::atomic<int> sms[kMaxDevices];
+  static std::atomic<int> major[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return {};
+  DeviceInfo info{sms[device].load(std::memory_order_relaxed), major[device].load(std::memory_order_relaxed)};
+  if (info.sms == 0) {
+    if (cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      return {};
+    }
+    major[device].store(info.major, std::memory_order_relaxed);
+    sms[device].store(info.sms, std::memory_order_relaxed);
+  }
+  return info;
+}
+
+bool is_aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+template <int kDType, int kMT, int kNT>
+cudaError_t launch(const WeightOnlyArgs& args, int sms, cudaStream_t stream) {
+  const int64_t blocks = (args.N + 16 * kMT - 1) / (16 * kMT);
+  const int64_t segments = (args.K + kSegment - 1) / kSegment;
+  // 8 warps per block when every SM gets a block: two such blocks fit an SM's registers (~100 per thread), so
+  // up to 2 * SMs blocks run in one wave. Fewer blocks than SMs: 16 warps each, for more loads in flight per
+  // SM. Never more warps than segments.
+  const int64_t warps = std::max<int64_t>(1, std::min<int64_t>(blocks >= sms ? 8 : kMaxWarps, segments));
+  int8_weight_only_mma_kernel<kDType, kMT, kNT>
+      <<<static_cast<unsigned>(blocks), static_cast<unsigned>(32 * warps), 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <int kDType>
+cudaError_t launch_for_shape(const WeightOnlyArgs& args, int sms, cudaStream_t stream) {
+  // Two 16-row tiles per block (A re-read half as often) when that still leaves 2 blocks per SM.
+  const bool two_tiles = (args.N + 31) / 32 >= 2 * static_cast<int64_t>(sms);
+  if (args.M <= 8) {
+    return two_tiles ? launch<kDType, 2, 1>(args, sms, stream) : launch<kDType, 1, 1>(args, sms, stream);
+  }
+  return two_tiles ? launch<kDType, 2, 2>(args, sms, stream) : launch<kDType, 1, 2>(args, sms, stream);
+}
+
+}  // namespace
+
+bool int8_weight_only_linear_supported(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda,
+                                       const int8_t* W) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
+  if (M < 1 || M > kInt8WeightOnlyMaxRows || K <= 0 || K % 16 != 0) return false;
+  if (lda % 8 != 0 || (M > 1 && lda < K) || !is_aligned(A, 16) || !is_aligned(W, 16)) return false;
+  return device_info().major >= 8;
+}
+
+cudaError_t int8_weight_only_linear(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda,
+                                    const int8_t* W, const float* row_scale, int64_t N, const void* bias,
+                                    void* out, cudaStream_t stream) {
+  if (!int8_weight_only_linear_supported(A, dtype, M, K, lda, W) || N < 0 || N >= (int64_t{1} << 35)) {
+    return cudaErrorInvalidValue;
+  }
+  if (N == 0) return cudaSuccess;
+  const WeightOnlyArgs args{static_cast<const unsigned short*>(A),
+                            lda,
+                            static_cast<int>(M),
+                            K,
+                            N,
+                            W,
+                            row_scale,
+                            static_cast<const unsigned short*>(bias),
+                            static_cast<unsigned short*>(out)};
+  const int sms = device_info().sms;
+  return dtype == DType::kBFloat16 ? launch_for_shape<kBF16>(args, sms, stream)
+                                   : launch_for_shape<kF16>(args, sms, stream);
+}
+
+}  // namespace halfbyte::cuda
