@@ -71,7 +71,7 @@ CudaBlockwise4bit.MisalignedPointersTakeTheGuardedPath:CudaBlockwise4bit.EmptyAn
 CudaBlockwise8bit.SpecialValuesAndEvery16BitPattern:CudaBlockwise8bit.MisalignedPointersTakeTheGuardedPath:\
 CudaGemm4bit.SmallAndOddShapes:CudaGemm4bit.EmptyK:CudaGemm4bit.UnalignedPackedWeights:\
 CudaGemm4bit.StridedAndUnalignedA:CudaGemm4bit.BlocksizesAndOddK:\
-CudaBlockwise4bit.NestedScalesMatchTheCpuWithHostComputedScales"
+CudaBlockwise4bit.NestedScalesMatchTheCpuWithHostComputedScales:CudaInt8.*"
 step memcheck sanitizer_memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
   "$gtest_build/halfbyte_core_tests" --gtest_filter="$sanitize_filter" --gtest_brief=1
 step racecheck sanitizer_racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 \
@@ -81,6 +81,7 @@ if [ "$bench" = 1 ]; then
   step bench_quantize bench_quantize.log "$py" benchmarks/bench_quantize_cuda.py --json "$results/quantize.json"
   step bench_gemm bench_gemm.log "$py" benchmarks/bench_gemm_4bit_cuda.py --batches "${GEMM_BATCHES:-1,4,16,64,256,2048}" \
     --json "$results/gemm.json"
+  step bench_int8 bench_int8.log "$py" benchmarks/bench_int8_cuda.py --json "$results/int8.json"
 fi
 
 echo
@@ -91,12 +92,13 @@ grep -E "passed|failed|error" "$results/pytest_large.log" | tail -1 | sed 's/^/p
 grep -E "PASSED|FAILED" "$results/gtest.log" | tail -2 | sed 's/^/gtest: /'
 grep -h "QLORA_PEAK_MEMORY" "$results/qlora.log" | sed 's/^/qlora: /'
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$results"/sanitizer_*.log | sed 's/^/sanitizer: /'
-for name in build pytest qlora pytest_large gtest_build gtest memcheck racecheck bench_quantize bench_gemm; do
+for name in build pytest qlora pytest_large gtest_build gtest memcheck racecheck bench_quantize bench_gemm bench_int8; do
   [ -n "${status[$name]:-}" ] && printf '%-15s %s\n' "$name" "${status[$name]}"
 done
 if [ "$bench" = 1 ]; then
   grep -E "^\|" "$results/bench_quantize.log"
   grep -E "^\|" "$results/bench_gemm.log"
+  grep -E "^\|" "$results/bench_int8.log"
 fi
 failed=0
 for name in "${!status[@]}"; do [[ "${status[$name]}" == FAILED* ]] && failed=1; done
