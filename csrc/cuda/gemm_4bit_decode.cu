@@ -6,59 +6,65 @@
 // its code in byte e/2 (high nibble for even e) and its scale in block e / blocksize. When
 // K % 32 == 0 and `packed` is 16-byte aligned, elements [32c, 32c + 32) of row j are 16 bytes at
 // byte offset (j*K + 32c)/2 (a "chunk"), inside one row and one block (blocksize >= 32 is a power
-// of two). Other shapes take the scalar generic kernel.
-//
-// Decoding a code: the 16 levels live one per lane (lane L holds table[L % 16]) and a code is
-// looked up with one warp shuffle whose source lane is the code; shfl reads only the low 5 bits
-// of its lane operand, so `word >> (4 * nibble)` is the whole index computation.
+// of two); a 64-element "segment" (32 bytes) lies in one block when blocksize >= 64. Other shapes
+// take the scalar generic kernel.
 //
 // Kernels and the split of the work:
-// - gemm_4bit_mma_scale_after_kernel: float16/bfloat16 A, 2 <= M <= 16, K % 64 == 0, blocksize
-//   >= 64, A rows 16-byte aligned (the Llama decode case). A block owns 32 rows of W; its 8 warps
-//   (16 when N <= 8192) split K in groups of 128 columns. In a 64-column segment (32 bytes, one
-//   block) lane (g, q) = (lane/4, lane%4) loads bytes [8q, 8q+8) of rows g, g+8, g+16, g+24 (every
-//   warp load covers 8 full 32-byte sectors), so the 16 k-slots of each tensor-core MMA
-//   (mma.sync m16n8k16, W as the 16x16 operand, A^T as the 16x8 one) come from one block. The
-//   MMAs multiply the unscaled levels, split once per lane into bf16 hi + lo (|level - hi - lo| <=
-//   2^-16 |level|), by A (float16 A is split exactly into bf16 hi + lo too), accumulate the
-//   segment in float32, and each row's segment sum is multiplied by its block scale in float32.
-//   Per code: one shift, one shuffle (returning the {hi, lo} pair), one byte permute. The k order
-//   inside an MMA is permuted (lane q's four k-slots are four consecutive codes of its own 16),
-//   with the same permutation on A. The next group's codes and scales are loaded before the
-//   current group is computed. Cross-warp reduction in shared memory; bias added in float32.
+// - gemm_4bit_table_kernel: float16/bfloat16 A, 2 <= M <= 16, K % 64 == 0, K < 2^31, blocksize
+//   >= 64, A rows 16-byte aligned (the Llama decode case). Tensor cores (mma.sync m16n8k16, W as
+//   the 16x16 operand, A^T as the 16x8 one) on unscaled levels, each row's segment sum scaled in
+//   float32 afterwards. Decode: a 64 KB shared-memory table holds, for each byte value, the bf16
+//   hi and lo pairs of its two levels (hi + lo within 2^-16 of the level) in every lane's own
+//   column, so one byte permute (the offset) and two conflict-free 4-byte loads give a lane the
+//   weight fragment registers of two codes for the hi MMA and the lo MMA; float16 A is split
+//   exactly into bf16 hi + lo (a third MMA). Persistent grid of 8-warp blocks (two per SM; one
+//   16-warp block per SM when there are fewer 32-row tiles than that): a block walks its tiles of
+//   32 rows (64 or 128 when there are tiles enough to give every block two, reading A less often);
+//   each warp owns 32 rows and a contiguous range of K and streams it one chunk (4 segments) ahead,
+//   across tiles. Lane q loads 16 bytes of a row's pair of segments (a warp load covers 8 rows x 64
+//   bytes) and swaps 8 of them with lane q ^ 2, so every lane holds 8 bytes of each segment; scales
+//   come 8 rows x 4 segments per warp load and reach the lanes by shuffles. Cross-warp reduction in
+//   shared memory per tile; bias added in float32.
 // - gemm_4bit_mma_scale_before_kernel: float16/bfloat16 A, 4 <= M <= 16, the other aligned shapes
-//   (blocksize 32, K % 64 == 32, unaligned rows of A). Same block/warp split with 16-byte chunks
-//   (lane q loads chunk q of the group for its 4 rows); the 4 lanes of a quad may sit in different
-//   blocks, so each weight is dequantized to float32 level * scale first and split into bf16
-//   hi + lo per code (more work per code than scale-after).
-// - gemv_4bit_kernel: float32 A (any M, chunks of up to 4 rows), M = 1, and M <= 3 where no
-//   tensor-core kernel applies. A block of 128 threads owns 8 rows of W (4 when M > 1 or float32);
-//   its threads stride over the chunks (one 16-byte load per row and chunk, all rows in flight,
-//   L1 bypassed), read the 32 matching elements of each row of A with 16-byte loads (L1-cached:
-//   every block reads the same A), accumulate level * a per chunk with FFMA and multiply by the
-//   chunk's scale once. Warp reduce-scatter with __shfl_xor_sync, then 4 warps through shared
+//   (blocksize 32, K % 64 == 32, unaligned rows of A). A block owns 32 rows of W, its 8 warps split
+//   K in groups of 4 chunks; the 4 lanes of a quad may sit in different blocks, so each weight is
+//   dequantized to float32 level * scale first (levels by warp shuffle: lane L holds table[L % 16])
+//   and split into bf16 hi + lo per code.
+// - gemv_4bit_kernel: M = 1 with 16-bit A, float32 A (any M, chunks of up to 4 rows), and M <= 3
+//   where no tensor-core kernel applies. A block of 128 threads owns 8 rows of W (4 when M > 1 or
+//   float32); its threads stride over the chunks (one 16-byte load per row and chunk, all rows in
+//   flight, L1 bypassed), read the matching elements of A with 16-byte loads (L1-cached), look each
+//   code up with one warp shuffle (lane L holds table[L % 16]; shfl reads only the low 5 bits of
+//   its lane operand, so `word >> (4 * nibble)` is the whole index computation), accumulate
+//   level * a with FFMA and scale once per chunk. Warp reduce-scatter, then 4 warps through shared
 //   memory; bias added in float32.
 // - gemm_4bit_generic_kernel: K % 32 != 0, `packed` not 16-byte aligned, or K == 0. One warp per
 //   row of W, one element per lane and step with byte loads; correct for any shape, not fast.
 // A whose rows are not 16-byte aligned (odd lda or pointer) is read with scalar loads.
 //
-// Bandwidth (H100, bf16, NF4, blocksize 64; benchmarks/notes_gemm_4bit_decode.md): the floor is
-// reading the codes once (N*K/2 bytes) plus the scales (4 or 1 byte per 64 codes). The M = 1 loop
-// issues ~3.8 instructions per code, one of them a shuffle; at the full 3 TB/s an SM must decode
-// ~26 codes per clock and shuffles run at 32 lanes per clock per SM, so the kernel is memory-bound
-// with ~20% slack on the shuffle unit. Measured M = 1 (CUDA graph, weights not in L2): 91% of
-// copy bandwidth on 128256x4096, 66% on 14336x4096 and 4096x14336, 44% on 4096x4096 (launch
-// and ramp-up bound); double quantization within 0-6% of plain. The scale-after MMA loop issues
-// ~4.8 (M <= 8) / ~5.4 (M <= 16) instructions per code, which would allow ~1.1x the M = 1 time,
-// but it measures 1.3-2.3x (not profiled yet; the notes list the suspects).
+// The table and FFMA kernels use programmatic dependent launch (sm_90): a block may start while the
+// previous kernel on the stream finishes, prefetching its first weight bytes into L2 with a bulk
+// prefetch; griddepcontrol.wait precedes every other read and every write.
 //
-// Limits: sm_80 or newer (mma.sync bf16, cvt.rn.bf16x2, L2 prefetch hint). 64-bit element
-// indices throughout; N < 2^33 (grid x dimension).
+// Bandwidth (H100, bf16, NF4, blocksize 64, CUDA graph over weight copies; details and history in
+// benchmarks/notes_gemm_4bit_decode.md). Floor: the codes once (N*K/2 bytes) plus the scales. Per
+// 2048 codes a warp moves ~64 shared-memory wavefronts of table data alone (4 bytes of hi + lo per
+// code), the same as the FFMA kernel's shuffles, so both need most of an SM's 128 B/clock at the
+// copy rate; both are bound by issue and latency, not by DRAM. Measured: M = 1 88% of the
+// device-to-device copy rate on 128256x4096, 66-67% on 14336x4096 and 4096x14336, 49% on 4096x4096;
+// M = 4 45-55% and M = 16 35-43% on the three large shapes (1.5x and 1.9x the M = 1 time on the
+// 33 MB ones).
+//
+// Limits: sm_80 or newer (mma.sync bf16, cvt.rn.bf16x2, L2 fetch-size hint); dependent launch and
+// the L2 bulk prefetch only on sm_90 and newer. 64-bit element indices throughout; N < 2^33 (grid x
+// dimension of the FFMA kernel). The table kernel takes 74-101 KB of dynamic shared memory per
+// block.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "halfbyte/cuda_kernels.h"
@@ -73,9 +79,12 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 constexpr int kGemvThreads = 128;  // 4 warps share the rows of a block and split K
 
-constexpr int kMmaWarps = 8;  // warps of a block, splitting K
-constexpr int kMmaRows = 32;  // rows of W per block (two 16-row MMA tiles per warp)
-constexpr int kMmaMaxM = 16;  // rows of A per launch (two 8-column MMA tiles)
+constexpr int kMmaWarps = 8;      // warps of a block, splitting K
+constexpr int kMmaRows = 32;      // rows of W per block (two 16-row MMA tiles per warp)
+constexpr int kMmaMaxM = 16;      // rows of A per launch (two 8-column MMA tiles)
+constexpr int kTableMinRows = 2;  // fewer rows of 16-bit A take the FFMA kernel
+
+constexpr int kMaxDevices = 64;  // devices whose resident block counts are remembered
 
 constexpr int kGenericWarps = 8;
 constexpr int kGenericRowsOfA = 8;
@@ -155,12 +164,6 @@ __device__ __forceinline__ uint4 load_stream_16(const uint8_t* p) {
   return v;
 }
 
-__device__ __forceinline__ uint2 load_stream_8(const uint8_t* p) {
-  uint2 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-
 // Word w of a 16-byte load; w is a compile-time constant after unrolling.
 __device__ __forceinline__ uint32_t word_at(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
@@ -172,11 +175,6 @@ __host__ __device__ constexpr int nibble_shift(int e) { return 8 * (e >> 1) + ((
 // The level of code (shifted & 15): lane L holds table[L % 16]; shfl uses the low 5 bits only.
 __device__ __forceinline__ float level_of(float table_lane, uint32_t shifted) {
   return __shfl_sync(kFullMask, table_lane, static_cast<int>(shifted));
-}
-
-// {hi, lo} bf16 pair of the level of code (shifted & 15), held like table_lane in level_of.
-__device__ __forceinline__ uint32_t level_pair_of(uint32_t pair_lane, uint32_t shifted) {
-  return __shfl_sync(kFullMask, pair_lane, static_cast<int>(shifted));
 }
 
 template <bool kNested>
@@ -320,6 +318,43 @@ struct WarpReduceScatter<V, 0> {
   static __device__ __forceinline__ int run(float*, int) { return 0; }
 };
 
+// ---- programmatic dependent launch (sm_90) ----------------------------------------------------------
+// The FFMA and table kernels are launched with programmatic stream serialization: a block may start
+// while the previous kernel on the stream is finishing. Until wait_for_prior_grids() it only asks L2
+// for weight rows (a prefetch, which reads nothing into registers and so cannot see stale data); every
+// read of A, scales or levels and every write comes after it, so the kernels stay ordered after
+// whatever ran before them.
+
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// The next kernel on the stream may launch (its blocks take SM slots as this grid's blocks leave).
+__device__ __forceinline__ void allow_dependent_grids() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// Bytes [offset, offset + bytes) of rows [row0, row0 + rows) of the packed weight into L2, one bulk
+// prefetch per row, rows spread over `threads` threads. offset and bytes: multiples of 16, inside a row.
+__device__ __forceinline__ void prefetch_rows_l2(const GemmArgs& args, int64_t row0, int64_t rows,
+                                                 int64_t offset, int64_t bytes, int thread, int threads) {
+#if __CUDA_ARCH__ >= 900
+  const int64_t row_bytes = args.K >> 1;
+  if (offset + bytes > row_bytes) bytes = row_bytes - offset;
+  if (bytes <= 0) return;
+  for (int64_t r = thread; r < rows && row0 + r < args.N; r += threads) {
+    asm volatile(
+        "cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(args.packed + (row0 + r) * row_bytes + offset),
+        "r"(static_cast<uint32_t>(bytes))
+        : "memory");
+  }
+#endif
+}
+
 // ---- FFMA kernel: float32 A or M <= 3 ----------------------------------------------------------
 
 // Rows of W per block: 8 for one 16-bit row of A (A is read once per 8 rows of W), else 4
@@ -346,10 +381,13 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kDType, kMT>())
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const float table_lane = __ldg(args.table + (lane & 15));
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t rows_left = args.N - row0;
   const int64_t nchunks = args.K >> 5;
+  prefetch_rows_l2(args, row0, kRows, 0, 16 * kGemvThreads, tid, kGemvThreads);  // the block's first step
+  wait_for_prior_grids();
+  allow_dependent_grids();
+  const float table_lane = __ldg(args.table + (lane & 15));
 
   float acc[kRows][kMT];
 #pragma unroll
@@ -460,7 +498,7 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kDType, kMT>())
   }
 }
 
-// ---- tensor-core kernel: float16/bfloat16 A, 4 <= M <= 16 ----------------------------------------
+// ---- tensor cores: pieces shared by the two MMA kernels ------------------------------------------
 
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
@@ -470,45 +508,80 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Blocks of 8 warps per SM the register allocation must allow: 2 (128 registers), 1 for float16 A
-// with 16 rows (its split of A into bf16 hi + lo needs more).
-template <int kDType, int kNT>
-constexpr int mma_min_blocks() {
-  return kDType == kF16 && kNT == 2 ? 1 : 2;
+// The activation operand of one k-step for one 8-row tile of A: b0 holds k-slots (2q, 2q+1) and b1
+// k-slots (2q+8, 2q+9) of row g, as 16-bit pairs. float16 A is split exactly into bf16 hi + lo.
+template <int kDType>
+struct ActFragment {
+  uint32_t hi0, hi1, lo0, lo1;
+  __device__ __forceinline__ ActFragment(uint32_t b0, uint32_t b1) {
+    if constexpr (kDType == kF16) {
+      const float2 f0 = unpack2<kF16>(b0);
+      const float2 f1 = unpack2<kF16>(b1);
+      split_bf16x2(f0.x, f0.y, hi0, lo0);  // exact: a float16 has 11 significant bits
+      split_bf16x2(f1.x, f1.y, hi1, lo1);
+    } else {
+      hi0 = b0, hi1 = b1, lo0 = 0u, lo1 = 0u;
+    }
+  }
+};
+
+// d += W A^T for one 16x16 weight tile given as bf16 hi + lo: 2 MMAs, 3 for float16 A (whose lo
+// part multiplies the weight's hi part).
+template <int kDType>
+__device__ __forceinline__ void mma_weight_pair(float (&d)[4], const uint32_t (&w_hi)[4],
+                                                const uint32_t (&w_lo)[4], const ActFragment<kDType>& a) {
+  mma_bf16_16816(d, w_hi, a.hi0, a.hi1);
+  mma_bf16_16816(d, w_lo, a.hi0, a.hi1);
+  if constexpr (kDType == kF16) mma_bf16_16816(d, w_hi, a.lo0, a.lo1);
 }
 
-// Sums the per-warp accumulators of a 32-row block over its warps and writes out (+ bias).
-// acc[mt][nt][i]: row 16*mt + g + 8*(i/2) of the block's W rows, row 8*nt + 2*q + i%2 of A.
+// Sums the accumulators of the warps that split K over each row of a block tile, writes out (+ bias)
+// and zeroes acc. The tile has 32 * row_groups rows of W from row0; warp w works on rows
+// 32 * (w / k_splits) + [0, 32). acc[mt][nt][i]: row 16*mt + g + 8*(i/2) of the warp's 32 rows, row
+// 8*nt + 2*q + i%2 of A. partial: kWarps * 32 * (8 * kNT + 1) floats of shared memory.
 template <int kDType, int kNT, int kWarps>
-__device__ __forceinline__ void mma_block_epilogue(const GemmArgs& args, int64_t row0,
-                                                   const float (&acc)[2][kNT][4]) {
-  __shared__ float partial[kWarps][kMmaRows][8 * kNT + 1];
+__device__ __forceinline__ void store_block_tile(const GemmArgs& args, float* partial, int64_t row0,
+                                                 int row_groups, int k_splits, float (&acc)[2][kNT][4]) {
+  constexpr int kStride = 8 * kNT + 1;
   const int tid = threadIdx.x;
-  const int warp = tid >> 5;
   const int g = (tid & 31) >> 2;
   const int q = tid & 3;
+  float* own = partial + (tid >> 5) * 32 * kStride;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        partial[warp][16 * mt + g + 8 * (i >> 1)][8 * nt + 2 * q + (i & 1)] = acc[mt][nt][i];
+      for (int i = 0; i < 4; ++i) {
+        own[(16 * mt + g + 8 * (i >> 1)) * kStride + 8 * nt + 2 * q + (i & 1)] = acc[mt][nt][i];
+        acc[mt][nt][i] = 0.0f;
+      }
     }
   }
   __syncthreads();
-  for (int idx = tid; idx < kMmaRows * 8 * kNT; idx += kWarps * 32) {
-    const int m = idx / kMmaRows;
-    const int r = idx % kMmaRows;
+  const int tile_rows = 32 * row_groups;
+  for (int idx = tid; idx < tile_rows * 8 * kNT; idx += kWarps * 32) {
+    const int m = idx / tile_rows;
+    const int r = idx - m * tile_rows;
     const int64_t row = row0 + r;
     if (m < args.rows && row < args.N) {
+      const float* p = partial + ((r >> 5) * k_splits * 32 + (r & 31)) * kStride + m;
       float total = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) total += partial[w][r][m];
+      for (int w = 0; w < k_splits; ++w) total += p[w * 32 * kStride];
       if (args.bias != nullptr) total += load_elem<kDType>(args.bias, row);
       store_elem<kDType>(args.out, m * args.N + row, total);
     }
   }
+  __syncthreads();  // partial is written again for the next tile
+}
+
+// ---- tensor-core kernel, scale applied before the MMA (the shapes the table kernel does not take) --
+
+// Blocks of 8 warps per SM the register allocation must allow: 2 (128 registers), 1 for float16 A
+// with 16 rows (its split of A into bf16 hi + lo needs more).
+template <int kDType, int kNT>
+constexpr int mma_min_blocks() {
+  return kDType == kF16 && kNT == 2 ? 1 : 2;
 }
 
 // One group of 128 columns as seen by one thread: chunk q of rows g + 8*rho (rho = 0..3) of the
@@ -573,8 +646,8 @@ __device__ __forceinline__ void compute_chunk_group(const GemmArgs& args, int64_
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) av[nt] = load_a8_raw16<kAVec>(a_chunk[nt], (t >> 1) * 8, a_valid[nt]);
     // Weight operand: k-slots (2q, 2q+1, 2q+8, 2q+9) of this thread = elements 4t..4t+3 of its chunk.
-    uint32_t a_hi[2][4];
-    uint32_t a_lo[2][4];
+    uint32_t w_hi[2][4];
+    uint32_t w_lo[2][4];
 #pragma unroll
     for (int rho = 0; rho < 4; ++rho) {
       const uint32_t x = word_at(f.codes[rho], t >> 1);
@@ -584,32 +657,15 @@ __device__ __forceinline__ void compute_chunk_group(const GemmArgs& args, int64_
       for (int i = 0; i < 4; ++i) w[i] = level_of(table_lane, x >> nibble_shift(e0 + i)) * scale[rho];
       const int mt = rho >> 1;
       const int odd = rho & 1;  // rows g + 8 of the tile go to registers 1 and 3
-      split_bf16x2(w[0], w[1], a_hi[mt][odd], a_lo[mt][odd]);
-      split_bf16x2(w[2], w[3], a_hi[mt][2 + odd], a_lo[mt][2 + odd]);
+      split_bf16x2(w[0], w[1], w_hi[mt][odd], w_lo[mt][odd]);
+      split_bf16x2(w[2], w[3], w_hi[mt][2 + odd], w_lo[mt][2 + odd]);
     }
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
-      const uint32_t b0 = (t & 1) ? av[nt].z : av[nt].x;  // elements 4t, 4t+1 of row n of A
-      const uint32_t b1 = (t & 1) ? av[nt].w : av[nt].y;  // elements 4t+2, 4t+3
-      if constexpr (kDType == kF16) {
-        const float2 f0 = unpack2<kF16>(b0);
-        const float2 f1 = unpack2<kF16>(b1);
-        uint32_t b0_hi, b0_lo, b1_hi, b1_lo;
-        split_bf16x2(f0.x, f0.y, b0_hi, b0_lo);  // exact: a float16 has 11 significant bits
-        split_bf16x2(f1.x, f1.y, b1_hi, b1_lo);
+      const ActFragment<kDType> act((t & 1) ? av[nt].z : av[nt].x,   // elements 4t, 4t+1 of row n of A
+                                    (t & 1) ? av[nt].w : av[nt].y);  // elements 4t+2, 4t+3
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          mma_bf16_16816(d[mt][nt], a_hi[mt], b0_hi, b1_hi);
-          mma_bf16_16816(d[mt][nt], a_lo[mt], b0_hi, b1_hi);
-          mma_bf16_16816(d[mt][nt], a_hi[mt], b0_lo, b1_lo);
-        }
-      } else {
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          mma_bf16_16816(d[mt][nt], a_hi[mt], b0, b1);
-          mma_bf16_16816(d[mt][nt], a_lo[mt], b0, b1);
-        }
-      }
+      for (int mt = 0; mt < 2; ++mt) mma_weight_pair<kDType>(d[mt][nt], w_hi[mt], w_lo[mt], act);
     }
   }
 #pragma unroll
@@ -625,6 +681,7 @@ __device__ __forceinline__ void compute_chunk_group(const GemmArgs& args, int64_
 template <int kDType, int kNT, bool kAVec, bool kNested>
 __global__ void __launch_bounds__(kMmaWarps * 32, (mma_min_blocks<kDType, kNT>()))
     gemm_4bit_mma_scale_before_kernel(const GemmArgs args) {
+  __shared__ float partial[kMmaWarps * kMmaRows * (8 * kNT + 1)];
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -657,191 +714,266 @@ __global__ void __launch_bounds__(kMmaWarps * 32, (mma_min_blocks<kDType, kNT>()
     current = next;
   }
 
-  mma_block_epilogue<kDType, kNT, kMmaWarps>(args, row0, acc);
+  store_block_tile<kDType, kNT, kMmaWarps>(args, partial, row0, 1, kMmaWarps, acc);
 }
 
-// ---- tensor-core kernel, scale applied after the MMA (K % 64 == 0, blocksize >= 64) -------------
+// ---- tensor-core kernel with a shared-memory decode table (K % 64 == 0, blocksize >= 64) ----------
 //
-// A 64-column segment of a row (32 bytes, one sector) lies inside one block. Lane (g, q) loads
-// bytes [8q, 8q + 8) of the segment (16 codes) for rows g + 8*rho, and each MMA k-step takes four
-// codes from every lane of the quad, so all 16 k-slots of an MMA come from one segment: the MMAs
-// multiply the unscaled levels (split once per lane into bf16 hi + lo: level = hi + lo, error at
-// most 2^-16 relative) and the segment's per-row sum is scaled in float32 afterwards. Decode per
-// code: one shift, one shuffle returning {hi, lo} of the level, one byte permute.
+// A 64-column segment of a row (32 bytes) lies inside one block, so the MMAs multiply unscaled levels
+// and each row's segment sum is scaled afterwards. A lane holds 8 bytes (16 codes) of each segment for
+// rows g + 8*rho; k-step u of the segment takes its bytes 2u and 2u + 1, exactly the four k-slots
+// (2q, 2q+1, 2q+8, 2q+9) of the weight operand: each byte is one fragment register. A byte is decoded
+// by one byte permute (the table offset) and two 4-byte shared-memory loads, the register for the hi
+// MMA and the one for the lo MMA.
+//
+// Loads: lane q reads bytes [16q, 16q + 16) of a row's pair of segments (one 16-byte load; a warp load
+// touches 8 rows x 64 bytes), then swaps its second 8 bytes with lane q ^ 2, so that every lane holds
+// 8 bytes of each segment: of the first segment bytes [o(q), o(q) + 8) with o = 0, 16, 8, 24 for
+// q = 0..3, of the second bytes [o'(q), o'(q) + 8) with o' = 8, 24, 0, 16. The k-slots of lane q map
+// to columns 2*o + [0, 16) of the segment, the same for every row and for A. Scales are loaded per
+// chunk of 4 segments, 8 rows x 4 segments per warp load, and passed to the lanes that need them
+// with shuffles.
 
-// Scales of the two segments of a group for row g + 8*q (lane q of the quad holds rho = q).
-// Double-quantized: load() fetches the two 8-bit codes (one register); finish(), called a whole
-// group of work later, looks them up in nested_code, so the loop carries finished floats.
+constexpr int kTableBytes = 256 * 256;     // per code byte: hi pairs of the 32 lanes, then lo pairs
+constexpr int kNestedCodeBytes = 256 * 4;  // the nested code, for double-quantized scales
+constexpr int kChunkSegments = 4;          // segments per chunk: a warp loads a chunk's scales at once
+constexpr int kPairsPerChunk = kChunkSegments / 2;
+
+// kWarps warps per block: 8 (two blocks per SM), or 16 (one) where there are fewer block tiles than
+// resident 8-warp blocks.
+template <int kNT, int kWarps>
+constexpr int table_kernel_smem_bytes() {
+  return kTableBytes + kNestedCodeBytes + kWarps * 32 * (8 * kNT + 1) * static_cast<int>(sizeof(float));
+}
+
+struct TablePlan {
+  int64_t ntiles;      // block tiles of 32 * row_groups rows of W
+  int row_groups;      // 32-row groups per block tile; the block's warps / row_groups split K in each
+  int k_splits;        // warps per row group
+  int steps_per_tile;  // segments per warp and tile (a multiple of kChunkSegments; some may be past K)
+};
+
+// Row v (256 bytes) of the table holds, for the byte value v, the bf16x2 hi pair of the levels of its
+// two codes at byte 4*L and the lo pair at byte 128 + 4*L, for every lane L; the high nibble (the even
+// element, the lower k-slot) is in the low half. Every lane reads its own column, so a warp's lookups
+// never share a bank. `hi`, `lo`: the entry of byte value v (threads 0..255 fill a row each).
+__device__ __forceinline__ void fill_decode_table(uint8_t* table, int v, uint32_t hi, uint32_t lo) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int column = (j + v) & 7;  // rotated, so that a warp's stores spread over the banks
+    const uint32_t x = j < 8 ? hi : lo;
+    *reinterpret_cast<uint4*>(table + 256 * v + 128 * (j >> 3) + 16 * column) = make_uint4(x, x, x, x);
+  }
+}
+
+// Fragment registers (hi, lo) of the two codes in byte b of word: the byte permute builds the offset
+// 256 * byte + 4 * lane (lane4 = 4 * lane has zero upper bytes).
+__device__ __forceinline__ void decode_byte(const uint8_t* table, uint32_t word, int b, uint32_t lane4,
+                                            uint32_t& hi, uint32_t& lo) {
+  const uint8_t* entry = table + __byte_perm(word, lane4, 0x5504 | (b << 4));
+  hi = *reinterpret_cast<const uint32_t*>(entry);
+  lo = *reinterpret_cast<const uint32_t*>(entry + 128);
+}
+
+// Where a lane reads a block tile: row g of its row group.
+struct TileCursor {
+  const uint8_t* codes;  // byte 16q of row g
+  int64_t row;           // row g
+  int rows;              // bit rho: row g + 8*rho exists
+};
+
+__device__ __forceinline__ TileCursor tile_cursor(const GemmArgs& args, int64_t tile, int tile_rows,
+                                                  int row_group, int g, int q) {
+  TileCursor c;
+  c.row = tile * tile_rows + 32 * row_group + g;
+  const int64_t left = args.N - c.row;
+  c.codes = args.packed + c.row * (args.K >> 1) + 16 * q;
+  c.rows = left >= 25 ? 15 : left >= 17 ? 7 : left >= 9 ? 3 : left >= 1 ? 1 : 0;
+  return c;
+}
+
+// Bytes [16q, 16q + 16) of segments (first, first + 1) of rows g + 8*rho (in segment first + q / 2);
+// zeros where !valid.
+__device__ __forceinline__ void load_pair(const TileCursor& c, int64_t row_stride8, int first, bool valid,
+                                          uint4 (&codes)[4]) {
+  const uint8_t* p = c.codes + 32 * first;
+#pragma unroll
+  for (int rho = 0; rho < 4; ++rho) {
+    codes[rho] = valid && (c.rows >> rho & 1) ? load_stream_16(p) : make_uint4(0u, 0u, 0u, 0u);
+    p += row_stride8;
+  }
+}
+
+// Scales of a chunk: lane (g, q) loads, for rho = 0..3, the scale of row g + 8*rho and segment
+// first + q (raw: a double-quantized one is finished later, by finish_chunk_scales).
 template <bool kNested>
-struct SegmentScales {
-  float value[2] = {0.0f, 0.0f};
-  uint32_t codes = 0;  // nested: segment j's code in byte j until finish()
+struct ChunkScales {
+  float value[4];  // plain, or finished
+  uint32_t code[4];
+};
 
-  __device__ __forceinline__ void load(const BlockScales& s, int j, int64_t b) {
+// A block scale (or its 8-bit code), asking L2 for the 256 bytes around it: the rest of the row's
+// scales, which the warps working on the row's other columns read next.
+__device__ __forceinline__ float load_absmax_256(const float* p) {
+  float v;
+  asm("ld.global.nc.L2::256B.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t load_code_256(const uint8_t* p) {
+  uint32_t v;
+  asm("ld.global.nc.L2::256B.u8 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+template <bool kNested>
+__device__ __forceinline__ void load_chunk_scales(const GemmArgs& args, const TileCursor& c, int first,
+                                                  int seg_end, int q, ChunkScales<kNested>& s) {
+  const int segment = first + q;
+  const int64_t e = c.row * args.K + 64 * segment;
+#pragma unroll
+  for (int rho = 0; rho < 4; ++rho) {
+    const bool valid = segment < seg_end && (c.rows >> rho & 1);
+    const int64_t b = (e + 8 * rho * args.K) >> args.log2_blocksize;
     if constexpr (kNested) {
-      codes |= static_cast<uint32_t>(__ldg(s.absmax_codes + b)) << (8 * j);
+      s.code[rho] = valid ? load_code_256(args.scales.absmax_codes + b) : 0u;
     } else {
-      value[j] = __ldg(s.absmax + b);
+      s.value[rho] = valid ? load_absmax_256(args.scales.absmax + b) : 0.0f;
     }
   }
-  // e_row, rows_left, q, nsegments as for load_segment_weights; group: the group loaded.
-  __device__ __forceinline__ void finish(const GemmArgs& args, int64_t e_row, int rows_left, int q,
-                                         int nsegments, int group) {
-    if constexpr (kNested) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int segment = 2 * group + j;
-        if (segment < nsegments && 8 * q < rows_left) {
-          const int64_t b = (e_row + int64_t{64} * segment + 8 * q * args.K) >> args.log2_blocksize;
-          const float code = __ldg(args.scales.nested_code + ((codes >> (8 * j)) & 0xffu));
-          value[j] = __fadd_rn(__fmul_rn(code, __ldg(args.scales.nested_absmax + (b >> 8))),
-                               __ldg(args.scales.offset));
-        }
-      }
-    }
-  }
-};
+}
 
+// nested_code: the 256 floats in shared memory. Blocks that were not loaded finish to `offset`; their
+// segments have zero A, so the value is never used.
 template <bool kNested>
-struct SegmentWeights {
-  uint2 codes[2][4];  // [segment of the group][rho]
-  SegmentScales<kNested> scale;
-};
-
-// e_row: element index of the first code of row row0 + g; rows_left: N - (row0 + g).
-template <bool kNested>
-__device__ __forceinline__ void load_segment_weights(const GemmArgs& args, int group, int64_t e_row,
-                                                     int rows_left, int q, int nsegments,
-                                                     SegmentWeights<kNested>& f) {
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int segment = 2 * group + j;
-    const int64_t e0 = e_row + int64_t{64} * segment;
+__device__ __forceinline__ void finish_chunk_scales(const GemmArgs& args, const float* nested_code,
+                                                    const TileCursor& c, int first, int seg_end, int q,
+                                                    ChunkScales<kNested>& s) {
+  if constexpr (kNested) {
+    const int segment = first + q;
+    const int64_t e = c.row * args.K + 64 * segment;
+    const float offset = __ldg(args.scales.offset);
 #pragma unroll
     for (int rho = 0; rho < 4; ++rho) {
-      if (segment < nsegments && 8 * rho < rows_left) {
-        f.codes[j][rho] = load_stream_8(args.packed + ((e0 + 8 * rho * args.K) >> 1) + 8 * q);
-      } else {
-        f.codes[j][rho] = make_uint2(0u, 0u);
-      }
-    }
-    if (segment < nsegments && 8 * q < rows_left) {
-      f.scale.load(args.scales, j, (e0 + 8 * q * args.K) >> args.log2_blocksize);
+      const int64_t b = (e + 8 * rho * args.K) >> args.log2_blocksize;
+      const bool valid = segment < seg_end && (c.rows >> rho & 1);
+      const float absmax = valid ? __ldg(args.scales.nested_absmax + (b >> 8)) : 0.0f;
+      s.value[rho] = __fadd_rn(__fmul_rn(nested_code[s.code[rho]], absmax), offset);
     }
   }
 }
 
+// One segment: `half` selects the pair's first (0) or second (1) segment; codes hold the exchanged
+// bytes (words 0, 1: the lane's own first 8 bytes; words 2, 3: its partner's second 8 bytes).
+// a_row[nt]: row 8*nt + g of A (a_valid: that row exists); scales: the chunk's, segment j of it. A
+// segment past the warp's range (valid false) reads zero A and adds nothing.
 template <int kDType, int kNT, bool kNested>
-__device__ __forceinline__ void compute_segment_group(const GemmArgs& args, int group, int g, int q,
-                                                      int nsegments, const SegmentWeights<kNested>& f,
-                                                      uint32_t level_pair, float (&acc)[2][kNT][4]) {
+__device__ __forceinline__ void compute_segment(const uint8_t* table, uint32_t lane4, const uint4 (&codes)[4],
+                                                int half, int segment, bool valid,
+                                                const ChunkScales<kNested>& scales, int j,
+                                                const unsigned short* const (&a_row)[kNT],
+                                                const bool (&a_valid)[kNT], int g, int q,
+                                                float (&acc)[2][kNT][4]) {
+  // Lanes 0, 1 hold the first segment in words 0, 1; lanes 2, 3 in words 2, 3.
+  const bool own = ((q >> 1) ^ half) == 0;
+  const int column = 64 * segment + 32 * (q & 1) + 16 * ((q >> 1) ^ half);  // 2 * o(q) (first) or 2 * o'(q)
+  uint4 av[kNT][2];
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int segment = 2 * group + j;
-    // Columns 64*segment + 16q + [0, 16) of rows 8*nt + g of A: k-slots of this lane in 4 MMAs.
-    uint4 av[kNT][2];
+  for (int nt = 0; nt < kNT; ++nt) {
+    av[nt][0] = load_a8_raw16<true>(a_row[nt], column, valid && a_valid[nt]);
+    av[nt][1] = load_a8_raw16<true>(a_row[nt], column + 8, valid && a_valid[nt]);
+  }
+  uint32_t word[4][2];
+#pragma unroll
+  for (int rho = 0; rho < 4; ++rho) {
+    word[rho][0] = own ? codes[rho].x : codes[rho].z;
+    word[rho][1] = own ? codes[rho].y : codes[rho].w;
+  }
+  // The two 16-row tiles one after the other (rows g + 16*mt and g + 8 + 16*mt = rho 2*mt, 2*mt + 1),
+  // so that only one tile's accumulators and fragments are live.
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    float d[kNT][4];
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
-      const int n = 8 * nt + g;
-      const bool valid = segment < nsegments && n < args.rows;
-      const void* p =
-          static_cast<const unsigned short*>(args.A) + (n * args.lda + int64_t{64} * segment + 16 * q);
-      av[nt][0] = load_a8_raw16<true>(p, 0, valid);
-      av[nt][1] = load_a8_raw16<true>(p, 8, valid);
-    }
-    float d[2][kNT][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) d[mt][nt][i] = 0.0f;
-      }
+      for (int i = 0; i < 4; ++i) d[nt][i] = 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      // Weight operand: k-slots (2q, 2q+1, 2q+8, 2q+9) = codes 4u..4u+3 of this lane's 16.
-      uint32_t a_hi[2][4];
-      uint32_t a_lo[2][4];
+      uint32_t w_hi[4];
+      uint32_t w_lo[4];
 #pragma unroll
-      for (int rho = 0; rho < 4; ++rho) {
-        const uint32_t x = (u >> 1) ? f.codes[j][rho].y : f.codes[j][rho].x;
-        const int e0 = 4 * (u & 1);
-        uint32_t y[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) y[i] = level_pair_of(level_pair, x >> nibble_shift(e0 + i));
-        const int mt = rho >> 1;
-        const int odd = rho & 1;  // rows g + 8 of the tile go to registers 1 and 3
-        a_hi[mt][odd] = __byte_perm(y[0], y[1], 0x5410);
-        a_lo[mt][odd] = __byte_perm(y[0], y[1], 0x7632);
-        a_hi[mt][2 + odd] = __byte_perm(y[2], y[3], 0x5410);
-        a_lo[mt][2 + odd] = __byte_perm(y[2], y[3], 0x7632);
+      for (int odd = 0; odd < 2; ++odd) {  // rows g + 8 of the tile go to registers 1 and 3
+        const uint32_t x = word[2 * mt + odd][u >> 1];
+        decode_byte(table, x, 2 * (u & 1), lane4, w_hi[odd], w_lo[odd]);              // k-slots 2q, 2q+1
+        decode_byte(table, x, 2 * (u & 1) + 1, lane4, w_hi[2 + odd], w_lo[2 + odd]);  // 2q+8, 2q+9
       }
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         const uint4& v = av[nt][u >> 1];
-        const uint32_t b0 = (u & 1) ? v.z : v.x;  // columns 4u, 4u+1 of this lane's 16
-        const uint32_t b1 = (u & 1) ? v.w : v.y;  // columns 4u+2, 4u+3
-        if constexpr (kDType == kF16) {
-          const float2 f0 = unpack2<kF16>(b0);
-          const float2 f1 = unpack2<kF16>(b1);
-          uint32_t b0_hi, b0_lo, b1_hi, b1_lo;
-          split_bf16x2(f0.x, f0.y, b0_hi, b0_lo);  // exact: a float16 has 11 significant bits
-          split_bf16x2(f1.x, f1.y, b1_hi, b1_lo);
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma_bf16_16816(d[mt][nt], a_hi[mt], b0_hi, b1_hi);
-            mma_bf16_16816(d[mt][nt], a_lo[mt], b0_hi, b1_hi);
-            mma_bf16_16816(d[mt][nt], a_hi[mt], b0_lo, b1_lo);
-          }
-        } else {
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma_bf16_16816(d[mt][nt], a_hi[mt], b0, b1);
-            mma_bf16_16816(d[mt][nt], a_lo[mt], b0, b1);
-          }
-        }
+        const ActFragment<kDType> act((u & 1) ? v.z : v.x,   // columns 4u, 4u+1 of this lane's 16
+                                      (u & 1) ? v.w : v.y);  // columns 4u+2, 4u+3
+        mma_weight_pair<kDType>(d[nt], w_hi, w_lo, act);
       }
     }
-    // d[mt][nt][i] holds row 16*mt + g + 8*(i/2) = rho 2*mt + i/2 of this segment; its scale is
-    // held by lane rho of the quad.
-    const float own_scale = f.scale.value[j];
-    float scale[4];
+    // d[nt][i] holds row rho = 2*mt + i/2 of the tile; lane (g, j) holds its scale.
 #pragma unroll
-    for (int rho = 0; rho < 4; ++rho) scale[rho] = __shfl_sync(kFullMask, own_scale, (g << 2) | rho);
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
+    for (int odd = 0; odd < 2; ++odd) {
+      const float scale = __shfl_sync(kFullMask, scales.value[2 * mt + odd], (g << 2) | j);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          acc[mt][nt][i] = fmaf(scale[2 * mt + (i >> 1)], d[mt][nt][i], acc[mt][nt][i]);
+        acc[mt][nt][2 * odd] = fmaf(scale, d[nt][2 * odd], acc[mt][nt][2 * odd]);
+        acc[mt][nt][2 * odd + 1] = fmaf(scale, d[nt][2 * odd + 1], acc[mt][nt][2 * odd + 1]);
       }
     }
   }
 }
 
-// kWarps (8 or 16) warps per block split K; 16 when N is small, so that an SM still has 16 warps.
+// Persistent: block b computes block tiles b, b + gridDim.x, ...; warp (row group, k-split) owns a
+// contiguous range of steps_per_tile segments of its 32 rows. Each warp streams its (tile, chunk)
+// sequence one chunk ahead of the one it computes, across tile boundaries, so the memory system stays
+// busy through the per-tile reduction.
 template <int kDType, int kNT, bool kNested, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, (mma_min_blocks<kDType, kNT>() * 8 / kWarps))
-    gemm_4bit_mma_scale_after_kernel(const GemmArgs args) {
+    gemm_4bit_table_kernel(const GemmArgs args, const TablePlan plan) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* table = smem;
+  float* nested_code = reinterpret_cast<float*>(smem + kTableBytes);
+  float* partial = reinterpret_cast<float*>(smem + kTableBytes + kNestedCodeBytes);
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int g = lane >> 2;
   const int q = lane & 3;
-  // {bf16 hi, bf16 lo} of table[lane % 16]: hi + lo carries 16 significant bits of the level.
-  const float level = __ldg(args.table + (lane & 15));
-  uint32_t level_pair;
-  {
-    uint32_t hi, lo;
-    split_bf16x2(level, 0.0f, hi, lo);
-    level_pair = (hi & 0xffffu) | (lo << 16);
-  }
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;
-  const int nsegments = static_cast<int>(args.K >> 6);  // K < 2^37 (checked by the launcher)
-  const int ngroups = (nsegments + 1) >> 1;
+  const uint32_t lane4 = 4u * static_cast<uint32_t>(lane);
+  const int row_group = warp / plan.k_splits;
+  const int nsegments = static_cast<int>(args.K >> 6);  // K < 2^31 (checked by the launcher)
+  const int seg_begin = (warp - row_group * plan.k_splits) * plan.steps_per_tile;
+  const int seg_end = min(seg_begin + plan.steps_per_tile, nsegments);
+  const int tile_rows = 32 * plan.row_groups;
+  const int chunks_per_tile = plan.steps_per_tile / kChunkSegments;
+  const int64_t row_stride8 = 8 * (args.K >> 1);
 
+  // This warp's first chunk of its first tile: 4 segments of its 32 rows.
+  prefetch_rows_l2(args, blockIdx.x * static_cast<int64_t>(tile_rows) + 32 * row_group, 32, 32 * seg_begin,
+                   32 * kChunkSegments, lane, 32);
+  wait_for_prior_grids();
+  allow_dependent_grids();
+  // The table entry of this thread first (thread v < 256: byte value v), so that its loads do not queue
+  // behind the weights.
+  const int entry = tid & 255;
+  const float level_hi_nibble = __ldg(args.table + (entry >> 4));
+  const float level_lo_nibble = __ldg(args.table + (entry & 15));
+  const float nested_code_entry = kNested ? __ldg(args.scales.nested_code + entry) : 0.0f;
+
+  const unsigned short* a_row[kNT];
+  bool a_valid[kNT];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int n = 8 * nt + g;
+    a_valid[nt] = n < args.rows;
+    a_row[nt] = static_cast<const unsigned short*>(args.A) + n * args.lda;
+  }
   float acc[2][kNT][4];
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
@@ -852,20 +984,85 @@ __global__ void __launch_bounds__(kWarps * 32, (mma_min_blocks<kDType, kNT>() * 
     }
   }
 
-  // Software pipeline: the next group's weights are in flight while this group is computed.
-  const int64_t e_row = (row0 + g) * args.K;
-  const int rows_left = static_cast<int>(args.N - (row0 + g) < kMmaRows ? args.N - (row0 + g) : kMmaRows);
-  SegmentWeights<kNested> current;
-  load_segment_weights<kNested>(args, warp, e_row, rows_left, q, nsegments, current);
-  current.scale.finish(args, e_row, rows_left, q, nsegments, warp);
-  for (int group = warp; group < ngroups; group += kWarps) {
-    SegmentWeights<kNested> next;
-    load_segment_weights<kNested>(args, group + kWarps, e_row, rows_left, q, nsegments, next);
-    compute_segment_group<kDType, kNT, kNested>(args, group, g, q, nsegments, current, level_pair, acc);
-    next.scale.finish(args, e_row, rows_left, q, nsegments, group + kWarps);
-    current = next;
+  // The load cursor runs one chunk ahead of the compute cursor: after computing pair p of a chunk, a
+  // warp loads pair p of its next chunk (possibly of its next tile) in its place, and it loads the next
+  // chunk's scales into the other of two scale buffers when it starts a chunk.
+  int64_t load_tile = blockIdx.x;
+  int load_chunk = 0;
+  TileCursor load_at = tile_cursor(args, load_tile, tile_rows, row_group, g, q);
+  uint4 codes[kPairsPerChunk][4];
+#pragma unroll
+  for (int p = 0; p < kPairsPerChunk; ++p) {
+    load_pair(load_at, row_stride8, seg_begin + 2 * p, seg_begin + 2 * p + (q >> 1) < seg_end, codes[p]);
   }
-  mma_block_epilogue<kDType, kNT, kWarps>(args, row0, acc);
+  ChunkScales<kNested> scales[2];
+  load_chunk_scales<kNested>(args, load_at, seg_begin, seg_end, q, scales[0]);
+  TileCursor compute_at = load_at;
+  auto advance_load = [&]() {
+    if (++load_chunk == chunks_per_tile) {
+      load_chunk = 0;
+      load_tile += gridDim.x;
+      load_at = tile_cursor(args, load_tile, tile_rows, row_group, g, q);
+    }
+  };
+  advance_load();
+
+  {
+    uint32_t hi, lo;
+    split_bf16x2(level_hi_nibble, level_lo_nibble, hi, lo);
+    if (tid < 256) {
+      fill_decode_table(table, tid, hi, lo);
+      if constexpr (kNested) nested_code[tid] = nested_code_entry;
+    }
+  }
+  __syncthreads();
+
+  int64_t tile = blockIdx.x;
+  int chunk = 0;
+  while (tile < plan.ntiles) {
+#pragma unroll
+    for (int h = 0; h < 2;
+         ++h) {                  // the chunk's scales are in scales[h], the next chunk's go to scales[h ^ 1]
+      if (tile < plan.ntiles) {  // block-uniform
+        const int first = seg_begin + chunk * kChunkSegments;
+        finish_chunk_scales<kNested>(args, nested_code, compute_at, first, seg_end, q, scales[h]);
+        const int load_first = seg_begin + load_chunk * kChunkSegments;
+        const bool load_tile_valid = load_tile < plan.ntiles;
+        load_chunk_scales<kNested>(args, load_at, load_first, load_tile_valid ? seg_end : 0, q,
+                                   scales[h ^ 1]);
+#pragma unroll
+        for (int p = 0; p < kPairsPerChunk; ++p) {
+          const int pair_first = first + 2 * p;
+          if (pair_first < seg_end) {  // warp-uniform
+            uint4 exchanged[4];
+#pragma unroll
+            for (int rho = 0; rho < 4; ++rho) {
+              exchanged[rho] = codes[p][rho];
+              exchanged[rho].z = __shfl_xor_sync(kFullMask, codes[p][rho].z, 2);
+              exchanged[rho].w = __shfl_xor_sync(kFullMask, codes[p][rho].w, 2);
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              compute_segment<kDType, kNT, kNested>(table, lane4, exchanged, half, pair_first + half,
+                                                    pair_first + half < seg_end, scales[h], 2 * p + half,
+                                                    a_row, a_valid, g, q, acc);
+            }
+          }
+          const int load_pair_first = load_first + 2 * p;
+          load_pair(load_at, row_stride8, load_pair_first,
+                    load_tile_valid && load_pair_first + (q >> 1) < seg_end, codes[p]);
+        }
+        compute_at = load_at;
+        advance_load();
+        if (++chunk == chunks_per_tile) {
+          store_block_tile<kDType, kNT, kWarps>(args, partial, tile * tile_rows, plan.row_groups,
+                                                plan.k_splits, acc);
+          chunk = 0;
+          tile += gridDim.x;
+        }
+      }
+    }
+  }
 }
 
 // ---- generic kernel: any K, any alignment ----------------------------------------------------
@@ -926,16 +1123,80 @@ int log2_exact(int64_t x) {
   return r;
 }
 
+// Whether the current device runs programmatic dependent launches (sm_90 or newer), asked once per device.
+cudaError_t device_has_dependent_launch(bool& has) {
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: no, 2: yes
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  int state = known[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    int major = 0;
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err != cudaSuccess) return err;
+    state = major >= 9 ? 2 : 1;
+    known[device].store(state, std::memory_order_relaxed);
+  }
+  has = state == 2;
+  return cudaSuccess;
+}
+
+// Launches a kernel that orders itself after the previous kernel with wait_for_prior_grids(), allowing
+// it to start early where the device supports it.
+template <typename... Params>
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream,
+                             Params... params) {
+  bool dependent = false;
+  const cudaError_t err = device_has_dependent_launch(dependent);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = dependent ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, params...);
+}
+
+// Blocks of kKernel (kThreads threads, kSmem bytes of dynamic shared memory) that the current device
+// holds at once: counted once per kernel and device, when the kernel's dynamic shared-memory limit is
+// raised. The table kernel is persistent and launches at most this many blocks.
+template <auto kKernel, int kThreads, int kSmem>
+cudaError_t resident_blocks(int& blocks) {
+  static std::atomic<int> counted[kMaxDevices];  // 0: not counted yet
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  blocks = counted[device].load(std::memory_order_relaxed);
+  if (blocks > 0) return cudaSuccess;
+  int per_sm = 0;
+  int sms = 0;
+  if (kSmem > 48 * 1024)
+    err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, kSmem);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1 || sms < 1) return cudaErrorInvalidConfiguration;
+  blocks = per_sm * sms;
+  counted[device].store(blocks, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 template <int kDType, int kMT, bool kAVec>
 cudaError_t launch_gemv(const GemmArgs& args, bool nested, cudaStream_t stream) {
   constexpr int kRows = gemv_rows<kDType, kMT>();
   const dim3 grid(static_cast<unsigned>((args.N + kRows - 1) / kRows));
-  if (nested) {
-    gemv_4bit_kernel<kDType, kMT, kAVec, true><<<grid, kGemvThreads, 0, stream>>>(args);
-  } else {
-    gemv_4bit_kernel<kDType, kMT, kAVec, false><<<grid, kGemvThreads, 0, stream>>>(args);
-  }
-  return cudaGetLastError();
+  return nested ? launch_dependent(gemv_4bit_kernel<kDType, kMT, kAVec, true>, grid, kGemvThreads, 0, stream,
+                                   args)
+                : launch_dependent(gemv_4bit_kernel<kDType, kMT, kAVec, false>, grid, kGemvThreads, 0, stream,
+                                   args);
 }
 
 template <int kDType, int kMT>
@@ -959,36 +1220,76 @@ cudaError_t launch_gemv_rows(const GemmArgs& args, bool nested, bool a_vec, cuda
   }
 }
 
-template <int kDType, int kNT, bool kAVec, bool kNested>
-void launch_mma_kernel(bool scale_after, const GemmArgs& args, cudaStream_t stream) {
+template <int kDType, int kNT, bool kAVec>
+cudaError_t launch_scale_before(const GemmArgs& args, bool nested, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((args.N + kMmaRows - 1) / kMmaRows));
-  if constexpr (kAVec) {  // the scale-after kernel reads A with 16-byte loads only
-    if (scale_after) {
-      // Up to N = 8192 (256 blocks, under two per SM) blocks of 16 warps; float16 A with 16 rows
-      // needs more than 128 registers and keeps 8.
-      if constexpr (mma_min_blocks<kDType, kNT>() == 2) {
-        if (args.N <= 8192) {
-          gemm_4bit_mma_scale_after_kernel<kDType, kNT, kNested, 16><<<grid, 16 * 32, 0, stream>>>(args);
-          return;
-        }
-      }
-      gemm_4bit_mma_scale_after_kernel<kDType, kNT, kNested, 8><<<grid, 8 * 32, 0, stream>>>(args);
-      return;
-    }
+  if (nested) {
+    gemm_4bit_mma_scale_before_kernel<kDType, kNT, kAVec, true><<<grid, kMmaWarps * 32, 0, stream>>>(args);
+  } else {
+    gemm_4bit_mma_scale_before_kernel<kDType, kNT, kAVec, false><<<grid, kMmaWarps * 32, 0, stream>>>(args);
   }
-  gemm_4bit_mma_scale_before_kernel<kDType, kNT, kAVec, kNested><<<grid, kMmaWarps * 32, 0, stream>>>(args);
+  return cudaGetLastError();
 }
 
 template <int kDType, int kNT>
-cudaError_t launch_mma(const GemmArgs& args, bool nested, bool a_vec, bool scale_after, cudaStream_t stream) {
-  if (a_vec) {
-    nested ? launch_mma_kernel<kDType, kNT, true, true>(scale_after, args, stream)
-           : launch_mma_kernel<kDType, kNT, true, false>(scale_after, args, stream);
-  } else {
-    nested ? launch_mma_kernel<kDType, kNT, false, true>(scale_after, args, stream)
-           : launch_mma_kernel<kDType, kNT, false, false>(scale_after, args, stream);
+cudaError_t launch_scale_before(const GemmArgs& args, bool nested, bool a_vec, cudaStream_t stream) {
+  return a_vec ? launch_scale_before<kDType, kNT, true>(args, nested, stream)
+               : launch_scale_before<kDType, kNT, false>(args, nested, stream);
+}
+
+// Row groups, K split and tile count of the table kernel for `resident` blocks on the device.
+TablePlan make_table_plan(const GemmArgs& args, int warps, int64_t resident) {
+  TablePlan p;
+  // Taller block tiles read A fewer times (once per tile); taken where there are tiles enough to give
+  // every resident block two.
+  p.row_groups = 1;
+  for (const int row_groups : {4, 2}) {
+    if ((args.N + 32 * row_groups - 1) / (32 * row_groups) >= 2 * resident) {
+      p.row_groups = row_groups;
+      break;
+    }
   }
-  return cudaGetLastError();
+  p.k_splits = warps / p.row_groups;
+  p.ntiles = (args.N + 32 * p.row_groups - 1) / (32 * p.row_groups);
+  const int nsegments = static_cast<int>(args.K >> 6);
+  const int per_warp = (nsegments + p.k_splits - 1) / p.k_splits;
+  p.steps_per_tile = (per_warp + kChunkSegments - 1) / kChunkSegments * kChunkSegments;
+  return p;
+}
+
+// Persistent grid: as many blocks as fit on the device at once, at most one per tile.
+template <int kDType, int kNT, bool kNested, int kWarps>
+cudaError_t launch_table_kernel(const GemmArgs& args, int resident, cudaStream_t stream) {
+  constexpr auto kKernel = gemm_4bit_table_kernel<kDType, kNT, kNested, kWarps>;
+  const TablePlan plan = make_table_plan(args, kWarps, resident);
+  const dim3 grid(static_cast<unsigned>(plan.ntiles < resident ? plan.ntiles : resident));
+  return launch_dependent(kKernel, grid, kWarps * 32, table_kernel_smem_bytes<kNT, kWarps>(), stream, args,
+                          plan);
+}
+
+// 8-warp blocks, or 16-warp ones (where registers allow) when there are fewer 32-row tiles than resident
+// 8-warp blocks, so that an SM still runs 16 warps.
+template <int kDType, int kNT, bool kNested>
+cudaError_t launch_table(const GemmArgs& args, cudaStream_t stream) {
+  int resident = 0;
+  cudaError_t err = resident_blocks<gemm_4bit_table_kernel<kDType, kNT, kNested, 8>, 8 * 32,
+                                    table_kernel_smem_bytes<kNT, 8>()>(resident);
+  if (err != cudaSuccess) return err;
+  if constexpr (mma_min_blocks<kDType, kNT>() == 2) {
+    if ((args.N + 31) / 32 < resident) {
+      err = resident_blocks<gemm_4bit_table_kernel<kDType, kNT, kNested, 16>, 16 * 32,
+                            table_kernel_smem_bytes<kNT, 16>()>(resident);
+      if (err != cudaSuccess) return err;
+      return launch_table_kernel<kDType, kNT, kNested, 16>(args, resident, stream);
+    }
+  }
+  return launch_table_kernel<kDType, kNT, kNested, 8>(args, resident, stream);
+}
+
+template <int kDType, int kNT>
+cudaError_t launch_table(const GemmArgs& args, bool nested, cudaStream_t stream) {
+  return nested ? launch_table<kDType, kNT, true>(args, stream)
+                : launch_table<kDType, kNT, false>(args, stream);
 }
 
 template <int kDType>
@@ -1013,12 +1314,11 @@ cudaError_t gemm_4bit_typed(GemmArgs args, int64_t M, bool nested, cudaStream_t 
     return launch_generic<kDType>(args, nested, stream);
   }
   const bool a_vec = reinterpret_cast<uintptr_t>(args.A) % 16 == 0 && (args.lda * kElem) % 16 == 0;
-  // Tensor cores for 16-bit A: scale after the MMA when a 64-column segment lies in one block and
-  // A's rows are 16-byte aligned, from 2 rows of A on; else scale before it, from 4 rows on (the
+  // Tensor cores for 16-bit A: the table kernel for every row count when a 64-column segment lies in
+  // one block and A's rows are 16-byte aligned; else the scale-before kernel from 4 rows on (the
   // FFMA kernel below that).
-  const bool scale_after =
-      args.K % 64 == 0 && args.log2_blocksize >= 6 && a_vec && args.K < (int64_t{1} << 37);
-  const int64_t mma_min_rows = scale_after ? 2 : 4;
+  const bool table =
+      kDType != kF32 && args.K % 64 == 0 && args.log2_blocksize >= 6 && a_vec && args.K < (int64_t{1} << 31);
   const char* a_base = static_cast<const char*>(args.A);
   char* out_base = static_cast<char*>(args.out);
   for (int64_t m0 = 0; m0 < M;) {
@@ -1027,11 +1327,16 @@ cudaError_t gemm_4bit_typed(GemmArgs args, int64_t M, bool nested, cudaStream_t 
     chunk.A = a_base + m0 * args.lda * kElem;
     chunk.out = out_base + m0 * args.N * kElem;
     cudaError_t err = cudaSuccess;
-    if (kDType != kF32 && left >= mma_min_rows) {
+    if (kDType != kF32 && left >= (table ? kTableMinRows : 4)) {
       chunk.rows = static_cast<int>(left < kMmaMaxM ? left : kMmaMaxM);
       if constexpr (kDType != kF32) {
-        err = chunk.rows > 8 ? launch_mma<kDType, 2>(chunk, nested, a_vec, scale_after, stream)
-                             : launch_mma<kDType, 1>(chunk, nested, a_vec, scale_after, stream);
+        if (table) {
+          err = chunk.rows > 8 ? launch_table<kDType, 2>(chunk, nested, stream)
+                               : launch_table<kDType, 1>(chunk, nested, stream);
+        } else {
+          err = chunk.rows > 8 ? launch_scale_before<kDType, 2>(chunk, nested, a_vec, stream)
+                               : launch_scale_before<kDType, 1>(chunk, nested, a_vec, stream);
+        }
       }
     } else {
       const int64_t max_rows = kDType == kF32 ? 4 : 3;

@@ -14,8 +14,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -291,9 +293,10 @@ void run_case(const Case& c, uint64_t seed) {
     if (!cuda_available()) GTEST_SKIP() << "no CUDA device"; \
   } while (0)
 
-// Every path for each dtype and M: K = 4096 + 64 takes the scale-after tensor-core kernel (16-bit
-// A, 2 <= M <= 16 per launch), K = 4096 + 32 the scale-before one (M >= 4) or the FFMA kernel,
-// K = 333 the generic kernel; float32 A and M = 1 take the FFMA kernel.
+// Every path for each dtype and M: K = 4096 + 64 takes the table tensor-core kernel (16-bit A,
+// 2 <= M <= 16 per launch; 65 segments, so the last warps' ranges are partly past K), K = 4096 + 32
+// the scale-before one (M >= 4) or the FFMA kernel, K = 333 the generic kernel; float32 A and M = 1
+// take the FFMA kernel.
 TEST(CudaGemm4bit, EveryRowCountAndDtype) {
   SKIP_WITHOUT_CUDA();
   uint64_t seed = 1;
@@ -394,7 +397,7 @@ TEST(CudaGemm4bit, RandomCombinations) {
   }
 }
 
-// N > 8192: the tensor-core kernels with 8 warps per block (16 below), N not a multiple of 32.
+// N > 8192, not a multiple of 32; K = 192 is 3 segments (the second of the last pair past K).
 TEST(CudaGemm4bit, LargeN) {
   SKIP_WITHOUT_CUDA();
   uint64_t seed = 600;
@@ -404,6 +407,26 @@ TEST(CudaGemm4bit, LargeN) {
         Case c;
         c.M = M, c.N = 8192 + 40, c.K = 192, c.lda = 192, c.blocksize = 128, c.dtype = dtype, c.bias = true;
         c.nested = nested;
+        run_case(c, seed++);
+      }
+    }
+  }
+}
+
+// The table kernel's block shapes, picked from the tile count and the resident blocks (on an H100:
+// 16-warp blocks below N = 8448, 8-warp blocks with 32-row tiles above, 64-row tiles from N = 33729,
+// 128-row tiles from N = 67457; float16 A with M > 8 always takes 8-warp blocks). K = 192 ends in a
+// half-used pair of segments, K = 256 does not.
+TEST(CudaGemm4bit, TableKernelTileShapes) {
+  SKIP_WITHOUT_CUDA();
+  uint64_t seed = 700;
+  for (int64_t N : {9000, 40000, 70000}) {
+    for (int64_t K : {192, 256}) {
+      for (int64_t M : {2, 9, 16}) {
+        Case c;
+        c.M = M, c.N = N, c.K = K, c.lda = K, c.blocksize = K == 192 ? 64 : 128, c.bias = true;
+        c.dtype = (seed % 2) == 0 ? DType::kBFloat16 : DType::kFloat16;
+        c.nested = (seed % 3) == 0;
         run_case(c, seed++);
       }
     }
@@ -460,16 +483,37 @@ TEST(CudaGemm4bit, EmptyAndInvalidArguments) {
             cudaErrorInvalidValue);
 }
 
+// Comma-separated integers of an environment variable, or `fallback` when it is unset.
+std::vector<int64_t> env_list(const char* name, std::vector<int64_t> fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  std::vector<int64_t> values;
+  std::stringstream items(text);
+  for (std::string item; std::getline(items, item, ',');) values.push_back(std::stoll(item));
+  return values;
+}
+
 // Timing of the decode shapes (bf16, NF4, blocksize 64), not a correctness test: run with
 // --gtest_also_run_disabled_tests --gtest_filter='*Bandwidth*'. Replays a CUDA graph of 20 launches
 // over enough weight copies that they do not stay in L2; prints the median microseconds per launch,
 // GB/s of the bytes that must move, and that rate as a share of the device-to-device copy rate.
+// HALFBYTE_BENCH_N / HALFBYTE_BENCH_M (comma-separated) pick the rows of W (with their Llama K) and of
+// A, e.g. to profile one launch.
 TEST(CudaGemm4bit, DISABLED_Bandwidth) {
   SKIP_WITHOUT_CUDA();
   struct Shape {
     int64_t N, K;
   };
-  const Shape shapes[] = {{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}, {128256, 4096}};
+  const Shape all_shapes[] = {{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}, {128256, 4096}};
+  const std::vector<int64_t> rows_of_w = env_list("HALFBYTE_BENCH_N", {});
+  const std::vector<int64_t> rows_of_a = env_list("HALFBYTE_BENCH_M", {1, 4, 16});
+  const int64_t max_m = *std::max_element(rows_of_a.begin(), rows_of_a.end());
+  std::vector<Shape> shapes;
+  for (const Shape& s : all_shapes) {
+    const bool picked =
+        rows_of_w.empty() || std::find(rows_of_w.begin(), rows_of_w.end(), s.N) != rows_of_w.end();
+    if (picked) shapes.push_back(s);
+  }
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
   cudaEvent_t start, stop;
@@ -507,7 +551,7 @@ TEST(CudaGemm4bit, DISABLED_Bandwidth) {
     const int copies = static_cast<int>(std::max<int64_t>(1, (400ll << 20) / weight_bytes));
     DeviceBuffer packed(copies * (n / 2)), absmax(copies * nblocks * 4), codes(copies * nblocks),
         nested_absmax(copies * (nblocks / 256 + 1) * 4), nested_code(256 * 4), offset(4), table(64),
-        a(16 * s.K * 2), out(16 * s.N * 2);
+        a(max_m * s.K * 2), out(max_m * s.N * 2);
     ASSERT_TRUE(packed.ok() && absmax.ok() && codes.ok() && nested_absmax.ok() && a.ok() && out.ok());
     // Random-looking bytes everywhere (never time zeros); positive scales.
     std::vector<float> levels(16);
@@ -531,10 +575,10 @@ TEST(CudaGemm4bit, DISABLED_Bandwidth) {
     }
     ASSERT_EQ(nested_code.upload(ones.data(), 256 * 4), cudaSuccess);
     ASSERT_EQ(offset.upload(ones.data(), 4), cudaSuccess);
-    std::vector<uint16_t> a_host(16 * s.K);
+    std::vector<uint16_t> a_host(max_m * s.K);
     for (auto& x : a_host) x = float_to_bf16(std::uniform_real_distribution<float>(-1, 1)(rng));
     ASSERT_EQ(a.upload(a_host.data(), a_host.size() * 2), cudaSuccess);
-    for (int64_t M : {1, 4, 16}) {
+    for (int64_t M : rows_of_a) {
       for (bool nested : {false, true}) {
         auto launch = [&](int cp) {
           cuda::BlockScales sc;
