@@ -16,10 +16,18 @@ measures, in one process:
   quantizer says it is compileable, which bitsandbytes' does not). Decode speed is
   (N - 1) / (time to generate N tokens - time to generate 1 token): prefill excluded.
 
-Variants: halfbyte NF4 + double quantization (lm_head bf16), bitsandbytes the same, halfbyte with lm_head
-quantized too (and bitsandbytes likewise with ``--bnb-lm-head``), bf16 with ``--bf16``. JSON is rewritten after
-every variant, so a run cut short keeps what it measured. ``--device cpu`` runs the same code on a tiny
-model (a smoke test of the script, not a benchmark).
+Variants, in groups chosen with ``--variants`` (default ``nf4,int8,nf4-lm-head``), measured in this order:
+
+- ``nf4``: halfbyte NF4 + double quantization (lm_head bf16), bitsandbytes the same;
+- ``int8``: halfbyte ``Linear8bitLt`` (``HalfbyteConfig(load_in_8bit=True, llm_int8_threshold=0.0)``) beside
+  bitsandbytes ``load_in_8bit`` with threshold 0 (LLM.int8 without the outlier path; lm_head bf16);
+- ``nf4-lm-head``: halfbyte with lm_head quantized too (and bitsandbytes likewise with ``--bnb-lm-head``);
+- ``bf16``: the unquantized model (also ``--bf16``).
+
+The run fits in one 600 s GPU call: a variant is skipped (and says so) when the time left before ``--budget-s``
+(540 s from the start of the script by default, checkpoint build included) is shorter than the longest variant
+measured so far without compilation. JSON is rewritten after every variant, so a run cut short keeps what it
+measured. ``--device cpu`` runs the same code on a tiny model (a smoke test of the script, not a benchmark).
 """
 
 from __future__ import annotations
@@ -76,30 +84,56 @@ def build_checkpoint(folder: Path, config, device: str) -> float:
     return time.perf_counter() - started
 
 
+VARIANT_GROUPS = ("nf4", "int8", "nf4-lm-head", "bf16")  # in the order they are measured
+DEFAULT_VARIANTS = "nf4,int8,nf4-lm-head"
+
+
+def parse_variant_groups(text: str) -> list[str]:
+    """The groups named in a comma-separated ``--variants`` value, checked, in VARIANT_GROUPS order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANT_GROUPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown group(s) {unknown or [text]}; choose from {', '.join(VARIANT_GROUPS)}"
+        )
+    return [group for group in VARIANT_GROUPS if group in names]
+
+
 def variants(args) -> list[tuple[str, str, object]]:
     """(name, library, quantization_config) to measure, in order."""
     import halfbyte
     from transformers import BitsAndBytesConfig
 
+    groups = list(args.variants)
+    if args.bf16 and "bf16" not in groups:
+        groups.append("bf16")
     common = dict(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )  # fmt: skip
-    chosen = [("halfbyte NF4+DQ", "halfbyte", halfbyte.HalfbyteConfig(**common))]
-    if args.bnb:
-        chosen.append(("bitsandbytes NF4+DQ", "bitsandbytes", BitsAndBytesConfig(**common)))
-    chosen.append(
-        ("halfbyte NF4+DQ, lm_head 4-bit", "halfbyte", halfbyte.HalfbyteConfig(**common, llm_int8_skip_modules=[]))
-    )
-    if args.bnb and args.bnb_lm_head:
+    int8 = dict(load_in_8bit=True, llm_int8_threshold=0.0)
+    chosen = []
+    if "nf4" in groups:
+        chosen.append(("halfbyte NF4+DQ", "halfbyte", halfbyte.HalfbyteConfig(**common)))
+        if args.bnb:
+            chosen.append(("bitsandbytes NF4+DQ", "bitsandbytes", BitsAndBytesConfig(**common)))
+    if "int8" in groups:
+        chosen.append(("halfbyte int8 (threshold 0)", "halfbyte", halfbyte.HalfbyteConfig(**int8)))
+        if args.bnb:
+            chosen.append(("bitsandbytes int8 (threshold 0)", "bitsandbytes", BitsAndBytesConfig(**int8)))
+    if "nf4-lm-head" in groups:
         chosen.append(
-            (
-                "bitsandbytes NF4+DQ, lm_head 4-bit",
-                "bitsandbytes",
-                BitsAndBytesConfig(**common, llm_int8_skip_modules=[]),
-            )
+            ("halfbyte NF4+DQ, lm_head 4-bit", "halfbyte", halfbyte.HalfbyteConfig(**common, llm_int8_skip_modules=[]))
         )
-    if args.bf16:
+        if args.bnb and args.bnb_lm_head:
+            chosen.append(
+                (
+                    "bitsandbytes NF4+DQ, lm_head 4-bit",
+                    "bitsandbytes",
+                    BitsAndBytesConfig(**common, llm_int8_skip_modules=[]),
+                )
+            )
+    if "bf16" in groups:
         chosen.append(("bf16", "torch", None))
     return chosen
 
@@ -153,8 +187,9 @@ def measure(name, library, quantization_config, folder: Path, config, args, firs
     )
     synchronize(device)
     row["load_s"] = time.perf_counter() - started
-    quantized_lm_head = type(model.lm_head).__name__ == "Linear4bit"
-    row["lm_head"] = "4-bit" if quantized_lm_head else "bf16"
+    lm_head_class = type(model.lm_head).__name__
+    quantized_lm_head = lm_head_class in ("Linear4bit", "Linear8bitLt")
+    row["lm_head"] = {"Linear4bit": "4-bit", "Linear8bitLt": "int8"}.get(lm_head_class, "bf16")
     if device == "cuda":
         row["gpu_memory_gib"] = (torch.cuda.memory_allocated() - base) / GIB
         row["peak_during_load_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
@@ -166,6 +201,7 @@ def measure(name, library, quantization_config, folder: Path, config, args, firs
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=generator).to(device)
     row["eager_tokens_per_s"], _ = decode_tokens_per_second(model, prompt, args.new_tokens, device)
+    row["eager_variant_s"] = time.perf_counter() - started  # load + eager decode: what budgets the next variant
     print(f"  {name}: loaded in {row['load_s']:.1f} s, eager {row['eager_tokens_per_s']:.1f} tokens/s", flush=True)
     if args.compile and (first or args.compile_all) and time.perf_counter() < args.deadline:
         model.generation_config.cache_implementation = "static"
@@ -206,6 +242,20 @@ def environment(device: str) -> dict:
     return info
 
 
+def format_speedups(rows: list[dict]) -> str:
+    """One line per halfbyte variant that has a bitsandbytes counterpart: the eager decode speed ratio."""
+    by_name = {row["variant"]: row for row in rows}
+    lines = []
+    for row in rows:
+        if row["library"] != "halfbyte":
+            continue
+        theirs = by_name.get(row["variant"].replace("halfbyte", "bitsandbytes", 1))
+        if theirs and theirs["eager_tokens_per_s"] > 0:
+            ratio = row["eager_tokens_per_s"] / theirs["eager_tokens_per_s"]
+            lines.append(f"{row['variant']}: eager decode {ratio:.2f}x bitsandbytes'")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     header = "| variant | load s | GPU GiB after load | peak during load GiB | footprint GiB | eager tok/s |"
     lines = [header + " static+compile tok/s |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -229,14 +279,26 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--no-bnb", dest="bnb", action="store_false", help="skip bitsandbytes")
     parser.add_argument("--bnb-lm-head", action="store_true", help="also bitsandbytes with lm_head quantized")
+    parser.add_argument(
+        "--variants", type=parse_variant_groups, default=parse_variant_groups(DEFAULT_VARIANTS),
+        help=f"comma-separated groups to measure, from {', '.join(VARIANT_GROUPS)} (default {DEFAULT_VARIANTS})",
+    )  # fmt: skip
     parser.add_argument("--bf16", action="store_true", help="also the unquantized bf16 model (eager)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip static cache + compile")
     parser.add_argument(
         "--compile-all", action="store_true", help="static cache + compile for every variant (default: the first)"
     )
-    parser.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many s")
+    parser.add_argument(
+        "--deadline-s", type=float, default=None, help="skip what would start this many s after the checkpoint is built"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=540.0,
+        help="finish within this many s of the start (checkpoint build included; default 540, for a 600 s call): "
+        "skip a variant that the time left cannot hold; 0 for no limit",
+    )  # fmt: skip
     parser.add_argument("--json", help="write the results here (after every variant)")
     args = parser.parse_args()
+    script_started = time.perf_counter()
     if args.bnb:
         try:
             import bitsandbytes  # noqa: F401
@@ -251,15 +313,31 @@ def main() -> int:
     print(f"checkpoint: {folder} ({args.layers} layers), built in {report['build_checkpoint_s']:.1f} s", flush=True)
     started = time.perf_counter()
     args.deadline = started + args.deadline_s if args.deadline_s else float("inf")
+    if args.budget_s:
+        args.deadline = min(args.deadline, script_started + args.budget_s)
+    report["skipped"] = []
     for index, (name, library, quantization_config) in enumerate(variants(args)):
-        if time.perf_counter() > args.deadline:
-            print(f"  {name}: skipped (past --deadline-s)")
+        # the longest variant so far (load + eager decode) is the estimate of the next one
+        estimate = max((row["eager_variant_s"] for row in report["rows"]), default=0.0)
+        if time.perf_counter() + estimate > args.deadline:
+            left = args.deadline - time.perf_counter()
+            print(
+                f"  {name}: skipped ({left:.0f} s left of --budget-s/--deadline-s, a variant takes ~{estimate:.0f} s)"
+            )
+            report["skipped"].append(name)
             continue
         report["rows"].append(measure(name, library, quantization_config, folder, config, args, first=index == 0))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
+    report["total_s"] = time.perf_counter() - script_started
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps(report["environment"]))
     print(format_table(report["rows"]))
+    print(format_speedups(report["rows"]))
+    if report["skipped"]:
+        print(f"skipped for time: {', '.join(report['skipped'])} (run them with --variants)")
+    print(f"total {report['total_s']:.0f} s")
     return 0
 
 

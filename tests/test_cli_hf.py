@@ -148,6 +148,32 @@ def test_quantize_of_a_truncated_checkpoint_fails_cleanly(source, tmp_path, caps
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_quantize_to_int8_writes_a_bitsandbytes_8bit_checkpoint_that_verify_accepts(source, tmp_path, capsys):
+    destination = tmp_path / "int8"
+    args = ["quantize", str(source), str(destination), "--quant-type", "int8", "--int8-threshold", "0"]
+    assert main(args + ["--device", "cpu"]) == 0
+    assert "format     : 8-bit LLM.int8, threshold 0 (bitsandbytes format)" in capsys.readouterr().out
+    saved = json.loads((destination / "config.json").read_text())["quantization_config"]
+    assert saved == BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0).to_dict()
+    reference = AutoModelForCausalLM.from_pretrained(source, quantization_config=HalfbyteConfig(**saved))
+    written = safetensors_torch.load_file(destination / "model.safetensors")
+    assert set(written) == set(reference.state_dict())
+    for key, tensor in reference.state_dict().items():
+        assert_same_bits(written[key], tensor, key)
+    assert main(["verify", str(destination), "--device", "cpu", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("checkpoint : 8-bit LLM.int8, threshold 0", "layers     : 14 in 8 bits, kept in 16 bits: lm_head",
+                     "ok   quant state of 14 weights consistent", "ok   every 8-bit layer holds quantized weights",
+                     "verify: OK"):  # fmt: skip
+        assert expected in out, expected
+    # a corrupted row absmax is a clear error naming the key
+    tensors = safetensors_torch.load_file(destination / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.SCB"]
+    safetensors_torch.save_file(tensors, destination / "model.safetensors", metadata={"format": "pt"})
+    assert main(["verify", str(destination), "--device", "cpu"]) == 2
+    assert "no row absmax 'model.layers.0.mlp.up_proj.SCB'" in capsys.readouterr().err
+
+
 # ---- verify ---------------------------------------------------------------------------------------------
 
 
@@ -186,9 +212,10 @@ def test_eval_table_json_and_plot(source, tmp_path, capsys):
     assert main(args + ["--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {row["format"]: row for row in report["rows"]}
-    assert list(rows) == ["bf16", "NF4", "NF4+DQ", "FP4"] and report["tokens"] == 200
+    assert list(rows) == ["bf16", "int8", "NF4", "NF4+DQ", "FP4"] and report["tokens"] == 200
     assert all(row["perplexity"] > 1 for row in rows.values())
-    assert rows["NF4+DQ"]["footprint_bytes"] < rows["NF4"]["footprint_bytes"] < rows["bf16"]["footprint_bytes"]
+    footprints = [rows[name]["footprint_bytes"] for name in ("NF4+DQ", "NF4", "int8", "bf16")]
+    assert footprints == sorted(footprints) and len(set(footprints)) == 4
     pytest.importorskip("matplotlib", reason="matplotlib not installed: no plot")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -201,13 +228,14 @@ def test_eval_beside_bitsandbytes(source, tmp_path, capsys):
     assert main(args + ["--device", "cpu", "--bitsandbytes"]) == 0
     out = capsys.readouterr().out
     assert "bitsandbytes" in out and "halfbyte vs bnb" in out
-    nf4 = next(line for line in out.splitlines() if line.startswith("NF4 "))
-    assert nf4.count("%") == 2  # its change against bf16 and its gap to bitsandbytes
+    for name in ("int8 ", "NF4 "):
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert line.count("%") == 2, line  # its change against bf16 and its gap to bitsandbytes
 
 
 def test_eval_bad_input(source, quantized, tmp_path, capsys):
     assert main(["eval", str(quantized), "--text", str(tmp_path / "x.txt"), "--device", "cpu"]) == 2
-    assert "already 4-bit" in capsys.readouterr().err
+    assert "already quantized (4-bit NF4 + double quantization" in capsys.readouterr().err
     assert main(["eval", str(source), "--text", str(tmp_path / "x.txt"), "--device", "cpu"]) == 2
     assert "no such file" in capsys.readouterr().err
 
@@ -218,7 +246,9 @@ def test_eval_bad_input(source, quantized, tmp_path, capsys):
 def check_demo_output(out, workdir):
     for step in range(1, 6):
         assert f"== {step}/5" in out
-    assert "verify: OK" in out and "NF4+DQ" in out
+    assert "verify: OK" in out
+    table = out[out.index("format    perplexity") :]
+    assert [line.split()[0] for line in table.splitlines()[1:6]] == ["bf16", "int8", "NF4", "NF4+DQ", "FP4"]
     assert (workdir / "perplexity.png").is_file() or "matplotlib is not installed" in out
 
 

@@ -62,6 +62,8 @@ def test_saved_dict_is_exactly_bitsandbytes_and_round_trips(kwargs):
         ({"bnb_4bit_quant_storage": "float64"}, ValueError, "bnb_4bit_quant_storage must be one of"),
         ({"bnb_4bit_use_double_quant": "yes"}, TypeError, "bnb_4bit_use_double_quant must be True or False"),
         ({"llm_int8_threshold": "6"}, TypeError, "llm_int8_threshold must be a float"),
+        ({"llm_int8_threshold": -0.5}, ValueError, "llm_int8_threshold must be a finite number >= 0 .* got -0.5"),
+        ({"llm_int8_threshold": float("inf")}, ValueError, "llm_int8_threshold must be a finite number >= 0"),
         ({"llm_int8_skip_modules": "lm_head"}, TypeError, "llm_int8_skip_modules must be a list"),
         ({"llm_int8_skip_modules": ["lm_head", 3]}, TypeError, "llm_int8_skip_modules must hold non-empty strings"),
         ({"bnb_4bit_quant_typ": "nf4"}, TypeError, "did you mean 'bnb_4bit_quant_type'"),

@@ -37,14 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     device_help = "cpu, cuda, cuda:N or auto (default: cuda when a GPU is usable, else cpu)"
     quantize = commands.add_parser(
         "quantize",
-        help="quantize a Hugging Face checkpoint folder into a pre-quantized 4-bit one",
-        description="Load the full-precision checkpoint SRC into halfbyte 4-bit layers and save it to DST in "
+        help="quantize a Hugging Face checkpoint folder into a pre-quantized 4-bit (or 8-bit) one",
+        description="Load the full-precision checkpoint SRC into halfbyte 4-bit layers (8-bit LLM.int8 layers with "
+        "--quant-type int8) and save it to DST in "
         "bitsandbytes' format (tensors, keys and config.json), with the tokenizer. Nothing is written to DST "
         "unless the whole conversion succeeds.",
     )
     quantize.add_argument("src", metavar="SRC", help="folder of a full-precision Hugging Face causal LM")
     quantize.add_argument("dst", metavar="DST", help="folder to write (must not exist, unless --overwrite)")
-    quantize.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format (default nf4)")
+    quantize.add_argument(
+        "--quant-type", choices=("nf4", "fp4", "int8"), default="nf4",
+        help="nf4 or fp4 (4-bit), or int8 (LLM.int8, as load_in_8bit=True); default nf4",
+    )  # fmt: skip
+    quantize.add_argument(
+        "--int8-threshold", type=float, default=6.0,
+        help="int8 only: outlier threshold, llm_int8_threshold (default 6.0; 0 turns the outlier path off)",
+    )  # fmt: skip
     quantize.add_argument(
         "--no-double-quant", action="store_true", help="keep the absmax in float32 (default: double quantization)"
     )
@@ -66,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify",
         help="load a checkpoint and check it: device, memory, a greedy generation, sanity checks",
-        description="Load DIR into halfbyte 4-bit layers (a pre-quantized DIR as it is, a full-precision one "
+        description="Load DIR into halfbyte layers (a pre-quantized 4-bit or 8-bit DIR as it is, a full-precision one "
         "quantized while loading) and check it as a person would: where it runs, its memory, a short greedy "
         "generation, and that the quant state is consistent, every layer is quantized, the logits are finite "
         "and a plain English sentence is predicted better than chance. Exit status 1 when a check fails.",
@@ -78,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="perplexity of bf16, NF4, NF4 + double quantization and FP4 side by side",
+        help="perplexity of bf16, int8, NF4, NF4 + double quantization and FP4 side by side",
         description="Perplexity of the full-precision checkpoint DIR on a text in bf16 and quantized by halfbyte "
-        "to NF4, NF4 with double quantization and FP4, as a table and a PNG plot (when matplotlib is installed).",
+        "to int8 (LLM.int8, threshold 6.0), NF4, NF4 with double quantization and FP4, as a table and a PNG plot "
+        "(when matplotlib is installed).",
     )
     evaluate.add_argument("dir", metavar="DIR", help="folder of a full-precision Hugging Face causal LM")
     evaluate.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
@@ -88,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--window", type=int, default=1024, help="tokens per forward pass (default 1024)")
     evaluate.add_argument("--plot", metavar="PNG", default="perplexity.png", help="PNG to write (perplexity.png)")
     evaluate.add_argument(
-        "--bitsandbytes", action="store_true", help="also measure bitsandbytes' 4-bit formats, side by side"
+        "--bitsandbytes", action="store_true", help="also measure bitsandbytes' int8 and 4-bit formats, side by side"
     )
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of the table")
     evaluate.add_argument("--device", default="auto", help=device_help)
@@ -165,6 +174,12 @@ def _quantization_config(args):
     from .config import HalfbyteConfig
 
     skip = list(args.skip or [])
+    if args.quant_type == "int8":
+        return HalfbyteConfig(
+            load_in_8bit=True,
+            llm_int8_threshold=args.int8_threshold,
+            llm_int8_skip_modules=skip if (skip or args.quantize_lm_head) else None,
+        )
     return HalfbyteConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=args.quant_type,

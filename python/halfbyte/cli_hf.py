@@ -2,8 +2,9 @@
 
 Each function raises ``CliError`` (a ValueError) with a message meant for a person when its input is wrong:
 a folder that does not exist, a config.json that is missing or names an unknown or unsupported model type, a
-checkpoint whose 4-bit quant state is missing or corrupted. ``quantize_checkpoint`` writes into a temporary
-folder beside the destination and renames it at the end, so a failure leaves no partial output.
+checkpoint whose 4-bit quant state or 8-bit row absmax (``SCB``) is missing or corrupted.
+``quantize_checkpoint`` writes into a temporary folder beside the destination and renames it at the end, so a
+failure leaves no partial output.
 """
 
 from __future__ import annotations
@@ -93,19 +94,27 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def saved_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The quantization_config of a config.json when it is a bitsandbytes/halfbyte 4-bit one; None when the
-    checkpoint is not quantized; CliError for any other quantization."""
+    """The quantization_config of a config.json when it is a bitsandbytes/halfbyte (4-bit or 8-bit) one; None
+    when the checkpoint is not quantized; CliError for any other quantization."""
     saved = config.get("quantization_config")
     if not saved:
         return None
     method = saved.get("quant_method")
-    if method not in ("bitsandbytes", "halfbyte") or saved.get("load_in_8bit"):
-        kind = "LLM.int8 (load_in_8bit)" if saved.get("load_in_8bit") else repr(method)
-        raise CliError(f"the checkpoint is quantized with {kind}; halfbyte reads bitsandbytes 4-bit checkpoints only")
+    if method not in ("bitsandbytes", "halfbyte"):
+        raise CliError(
+            f"the checkpoint is quantized with {method!r}; halfbyte reads bitsandbytes 4-bit and 8-bit checkpoints only"
+        )
     return saved
 
 
+def is_8bit(saved: dict[str, Any]) -> bool:
+    """Whether a bitsandbytes/halfbyte quantization_config is LLM.int8 (load_in_8bit)."""
+    return bool(saved.get("load_in_8bit", saved.get("_load_in_8bit", False)))
+
+
 def describe_format(saved: dict[str, Any]) -> str:
+    if is_8bit(saved):
+        return f"8-bit LLM.int8, threshold {float(saved.get('llm_int8_threshold', 6.0)):g} (bitsandbytes format)"
     quant_type = str(saved.get("bnb_4bit_quant_type", "fp4")).upper()
     nested = " + double quantization" if saved.get("bnb_4bit_use_double_quant") else ""
     return f"4-bit {quant_type}{nested} (bitsandbytes format)"
@@ -115,19 +124,22 @@ def checkpoint_files(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.glob("*.safetensors")) + sorted(str(p) for p in folder.glob("*.bin"))
 
 
-def check_quant_state(folder: Path) -> int:
-    """Check the quant state of every 4-bit weight of a pre-quantized folder; returns how many there are."""
-    from .integrations.transformers import CheckpointError, inspect_quantized_checkpoint
+def check_quant_state(folder: Path, load_in_8bit: bool = False) -> int:
+    """Check the quant state of every 4-bit weight (the int8 codes and row absmax of every 8-bit weight with
+    `load_in_8bit`) of a pre-quantized folder; returns how many there are."""
+    from .integrations.transformers import CheckpointError, inspect_int8_checkpoint, inspect_quantized_checkpoint
 
     files = checkpoint_files(folder)
     if not files:
         raise CliError(f"{folder}: no weights (*.safetensors or *.bin)")
     try:
-        infos = inspect_quantized_checkpoint(files)
+        infos = inspect_int8_checkpoint(files) if load_in_8bit else inspect_quantized_checkpoint(files)
     except CheckpointError as error:
         raise CliError(f"{folder}: {error}") from None
     if not infos and any(f.endswith(".safetensors") for f in files):
-        raise CliError(f"{folder}: config.json says 4-bit, but no weight has a 4-bit quant state")
+        bits = "8-bit" if load_in_8bit else "4-bit"
+        what = "an 8-bit row absmax (SCB)" if load_in_8bit else "a 4-bit quant state"
+        raise CliError(f"{folder}: config.json says {bits}, but no weight has {what}")
     return len(infos)
 
 
@@ -168,7 +180,7 @@ def load_model(
     config = read_model_config(folder)
     saved = saved_quantization(config)
     if saved is not None:
-        check_quant_state(folder)
+        check_quant_state(folder, is_8bit(saved))
         quantization_config = quantization_config or HalfbyteConfig(bnb_4bit_compute_dtype=dtype)
     with _loading_errors(folder):
         return AutoModelForCausalLM.from_pretrained(
@@ -187,12 +199,12 @@ def load_tokenizer(folder: str | os.PathLike):
 
 
 def quantized_layers(model) -> tuple[list[str], list[str]]:
-    """(names of Linear4bit layers, names of Linear layers kept in full precision)."""
+    """(names of Linear4bit / Linear8bitLt layers, names of Linear layers kept in full precision)."""
     from torch import nn
 
-    from .nn import Linear4bit
+    from .nn import Linear4bit, Linear8bitLt
 
-    quantized = [name for name, m in model.named_modules() if isinstance(m, Linear4bit)]
+    quantized = [name for name, m in model.named_modules() if isinstance(m, Linear4bit | Linear8bitLt)]
     kept = [name for name, m in model.named_modules() if type(m) is nn.Linear]
     return quantized, kept
 
@@ -229,8 +241,8 @@ def quantize_checkpoint(
     model_config = read_model_config(source)
     if saved_quantization(model_config) is not None:
         raise CliError(f"{source}: already quantized ({describe_format(model_config['quantization_config'])})")
-    if not config.load_in_4bit:
-        raise CliError("quantize: the config must have load_in_4bit=True")
+    if not (config.load_in_4bit or config.load_in_8bit):
+        raise CliError("quantize: the config must have load_in_4bit=True or load_in_8bit=True")
     if destination.resolve() == source.resolve():
         raise CliError("quantize: DST must differ from SRC")
     if destination.exists() and not overwrite:
@@ -240,7 +252,9 @@ def quantize_checkpoint(
     started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
-        dtype = config.bnb_4bit_compute_dtype if config.bnb_4bit_compute_dtype != torch.float32 else torch.bfloat16
+        dtype = torch.bfloat16
+        if config.load_in_4bit and config.bnb_4bit_compute_dtype != torch.float32:
+            dtype = config.bnb_4bit_compute_dtype
         model = load_model(source, device, config, dtype=dtype)
         quantized, kept = quantized_layers(model)
         model.save_pretrained(staging)
@@ -282,6 +296,7 @@ class VerifyReport:
     vocab_size: int
     checks: dict[str, bool] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    bits: int = 4  # 4 (Linear4bit layers) or 8 (Linear8bitLt)
 
     @property
     def ok(self) -> bool:
@@ -329,8 +344,9 @@ def verify_checkpoint(
     saved = saved_quantization(config)
     checks: dict[str, bool] = {}
     warnings: list[str] = []
+    bits = 8 if saved is not None and is_8bit(saved) else 4
     if saved is not None:
-        count = check_quant_state(folder)
+        count = check_quant_state(folder, bits == 8)
         checks[f"quant state of {count} weights consistent"] = True
         form = describe_format(saved)
         load_config = None
@@ -347,9 +363,9 @@ def verify_checkpoint(
     load_seconds = time.perf_counter() - started
     gpu_bytes = torch.cuda.memory_allocated(torch.device(device)) if device.startswith("cuda") else None
     quantized, kept = quantized_layers(model)
-    checks["model has 4-bit layers"] = bool(quantized)
-    checks["every 4-bit layer holds quantized weights"] = all(
-        model.get_submodule(name).weight.bnb_quantized for name in quantized
+    checks[f"model has {bits}-bit layers"] = bool(quantized)
+    checks[f"every {bits}-bit layer holds quantized weights"] = all(
+        _holds_quantized_weight(model.get_submodule(name)) for name in quantized
     )
     tokenizer = load_tokenizer(folder)
     vocab_size = model.config.get_text_config().vocab_size
@@ -390,18 +406,29 @@ def verify_checkpoint(
     report = VerifyReport(
         folder, form, device, device_name(device), load_seconds, model.get_memory_footprint(), gpu_bytes, quantized,
         kept, prompt if tokenizer else str(input_ids[0].tolist()), completion, new_ids.numel(),
-        new_ids.numel() / seconds if seconds > 0 else float("inf"), sanity, vocab_size, checks, warnings,
+        new_ids.numel() / seconds if seconds > 0 else float("inf"), sanity, vocab_size, checks, warnings, bits,
     )  # fmt: skip
     return report
 
 
+def _holds_quantized_weight(layer) -> bool:
+    """A Linear4bit with packed bytes, or a Linear8bitLt with int8 codes and their row absmax."""
+    weight = layer.weight
+    if weight.dtype == torch.int8:
+        return getattr(weight, "SCB", None) is not None
+    return bool(getattr(weight, "bnb_quantized", False))
+
+
 # ---- eval -----------------------------------------------------------------------------------------------
 
-FORMATS = {  # name -> HalfbyteConfig / BitsAndBytesConfig keyword arguments (None: full precision)
+# name -> HalfbyteConfig / BitsAndBytesConfig keyword arguments (None: full precision). int8 is LLM.int8 as
+# BitsAndBytesConfig(load_in_8bit=True) gives it: row-wise int8 weights, outlier threshold 6.0.
+FORMATS = {
     "bf16": None,
-    "NF4": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False},
-    "NF4+DQ": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-    "FP4": {"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False},
+    "int8": {"load_in_8bit": True, "llm_int8_threshold": 6.0},
+    "NF4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False},
+    "NF4+DQ": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "FP4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False},
 }
 
 
@@ -444,16 +471,17 @@ def evaluate(
     with_bitsandbytes: bool = False,
     progress=None,
 ) -> EvalReport:
-    """Perplexity of the full-precision checkpoint `folder` on `text_file` in bf16, NF4, NF4 + double
-    quantization and FP4 (halfbyte; and bitsandbytes beside it when `with_bitsandbytes`)."""
+    """Perplexity of the full-precision checkpoint `folder` on `text_file` in bf16, int8 (LLM.int8), NF4, NF4 +
+    double quantization and FP4 (halfbyte; and bitsandbytes beside it when `with_bitsandbytes`)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     folder, text_file = Path(folder), Path(text_file)
     config = read_model_config(folder)
     if saved_quantization(config) is not None:
         raise CliError(
-            f"{folder}: already 4-bit; eval compares the formats against the full-precision model, so DIR must be a "
-            "full-precision checkpoint (the SRC of `halfbyte quantize`)"
+            f"{folder}: already quantized ({describe_format(config['quantization_config'])}); eval compares the "
+            "formats against the full-precision model, so DIR must be a full-precision checkpoint (the SRC of "
+            "`halfbyte quantize`)"
         )
     if not text_file.is_file():
         raise CliError(f"--text {text_file}: no such file")
@@ -475,18 +503,14 @@ def evaluate(
     for name, fields in FORMATS.items():
         if progress:
             progress(name)
-        quantization = (
-            None
-            if fields is None
-            else HalfbyteConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, **fields)
-        )
+        quantization = None if fields is None else HalfbyteConfig(bnb_4bit_compute_dtype=torch.bfloat16, **fields)
         model = load_model(folder, device, quantization)
         row = EvalRow(name, perplexity(model, token_ids, window), model.get_memory_footprint())
         del model
         if fields is not None and with_bitsandbytes:
             if progress:
                 progress(f"{name} (bitsandbytes)")
-            bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, **fields)
+            bnb_config = BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.bfloat16, **fields)
             model = AutoModelForCausalLM.from_pretrained(
                 folder, quantization_config=bnb_config, dtype=torch.bfloat16, device_map={"": device}
             )
@@ -517,6 +541,8 @@ def format_eval_table(report: EvalReport) -> str:
                 line += f" {row.bitsandbytes_perplexity:>13.4f} {gap:>+15.3f}%"
         lines.append(line)
     lines.append("memory: model.get_memory_footprint() (weights, quant state and buffers)")
+    if any(row.format == "int8" for row in report.rows):
+        lines.append("int8: LLM.int8 (row-wise int8 weights, outlier threshold 6.0), as load_in_8bit=True")
     return "\n".join(lines)
 
 
@@ -594,7 +620,7 @@ def format_verify_report(report: VerifyReport) -> str:
         f"{halfbyte.__version__}",
         f"  loaded in  : {report.load_seconds:.2f} s",
         f"  memory     : {report.footprint_bytes / MIB:.1f} MiB (get_memory_footprint){gpu}",
-        f"  layers     : {len(report.quantized)} in 4 bits, kept in 16 bits: {_list(report.kept)}",
+        f"  layers     : {len(report.quantized)} in {report.bits} bits, kept in 16 bits: {_list(report.kept)}",
         f"  generation : {report.prompt!r} -> {report.completion!r}",
         f"               ({report.new_tokens} tokens greedy, {report.tokens_per_second:.1f} tokens/s)",
         f"  perplexity : {sanity}",

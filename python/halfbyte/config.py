@@ -1,4 +1,4 @@
-"""HalfbyteConfig: the quantization config of a Hugging Face model loaded into halfbyte's 4-bit layers.
+"""HalfbyteConfig: the quantization config of a Hugging Face model loaded into halfbyte's 4-bit or 8-bit layers.
 
 It carries the fields of transformers' ``BitsAndBytesConfig`` with the same names and defaults, so code and
 configs written for bitsandbytes move over by changing the class name::
@@ -12,17 +12,25 @@ configs written for bitsandbytes move over by changing the class name::
         device_map="auto",
     )
 
+or, for LLM.int8() (row-wise int8 weights in ``halfbyte.nn.Linear8bitLt``; ``llm_int8_threshold=0.0`` turns the
+outlier decomposition off, the fastest setting)::
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=HalfbyteConfig(load_in_8bit=True), dtype=torch.bfloat16, device_map="auto"
+    )
+
 What is saved is bitsandbytes' format: ``to_dict()`` (the ``quantization_config`` of config.json) is exactly
 what ``BitsAndBytesConfig.to_dict()`` writes, ``"quant_method": "bitsandbytes"`` included, and the tensors are
-bitsandbytes' (shared/COMPAT.md). A halfbyte checkpoint is therefore a bitsandbytes checkpoint: the
-bitsandbytes loader reads it as it is, and any bitsandbytes 4-bit checkpoint (the Hub's "-bnb-4bit" models)
-loads into halfbyte layers with the same call as above, ``from_pretrained(path,
-quantization_config=HalfbyteConfig())`` (see ``halfbyte.integrations.transformers``).
+bitsandbytes' (shared/COMPAT.md; 8-bit: ``weight`` int8, ``SCB``, ``weight_format``). A halfbyte checkpoint is
+therefore a bitsandbytes checkpoint: the bitsandbytes loader reads it as it is, and any bitsandbytes 4-bit or
+8-bit checkpoint (the Hub's "-bnb-4bit" / "-bnb-8bit" models) loads into halfbyte layers with
+``from_pretrained(path, quantization_config=HalfbyteConfig())`` (see ``halfbyte.integrations.transformers``).
 
 Differences from BitsAndBytesConfig, all of them errors where bitsandbytes would fail later or silently:
-field values are checked (quant type, storage and compute dtypes halfbyte supports), an unknown keyword is a
-TypeError that names it, and an integer ``llm_int8_threshold`` is accepted as a float. The config works without
-transformers installed (it is then a plain object); with transformers it is a ``QuantizationConfigMixin``.
+field values are checked (quant type, storage and compute dtypes halfbyte supports, a threshold that is a finite
+number >= 0), an unknown keyword is a TypeError that names it, and an integer ``llm_int8_threshold`` is accepted
+as a float. The config works without transformers installed (it is then a plain object); with transformers it is
+a ``QuantizationConfigMixin``.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import copy
 import difflib
 import json
 import logging
+import math
 from typing import Any
 
 import torch
@@ -97,20 +106,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class HalfbyteConfig(_ConfigBase):
-    """Quantization config for halfbyte's 4-bit layers, field for field transformers' BitsAndBytesConfig.
+    """Quantization config for halfbyte's 4-bit and 8-bit layers, field for field transformers' BitsAndBytesConfig.
 
     Args:
         load_in_4bit: replace the Linear layers by halfbyte 4-bit layers (NF4/FP4). Default False, as in
             BitsAndBytesConfig; set it to quantize a full-precision checkpoint.
-        load_in_8bit: LLM.int8(). Accepted for compatibility, but halfbyte has no 8-bit layers yet: loading
-            with it is an error.
-        llm_int8_threshold: LLM.int8() outlier threshold (6.0); unused by 4-bit layers.
+        load_in_8bit: replace the Linear layers by halfbyte ``Linear8bitLt`` layers (LLM.int8: int8 weights with
+            one float32 absmax per output row, ``SCB``). Exclusive with load_in_4bit.
+        llm_int8_threshold: LLM.int8() outlier threshold (6.0, as bitsandbytes): input columns holding a value
+            with ``|x| >= threshold`` go through a 16-bit path. 0.0 turns that off (fastest); unused by 4-bit
+            layers.
         llm_int8_skip_modules: module names kept in full precision. None (default): the model's output
             layer (lm_head), tied weights and ``_keep_in_fp32_modules``, as bitsandbytes. An explicit list
             replaces those defaults: ``[]`` quantizes every Linear, lm_head included (a lm_head tied to the
             input embeddings always stays in 16 bits). Names match a module's full path, a regex, or a suffix.
         llm_int8_enable_fp32_cpu_offload: modules a device_map puts on "cpu" or "disk" stay unquantized.
-        llm_int8_has_fp16_weight: LLM.int8() training flag; unused by 4-bit layers.
+        llm_int8_has_fp16_weight: LLM.int8() training flag: the 8-bit layers keep their weights in 16 bits and
+            quantize them at each forward (no memory saved); unused by 4-bit layers.
         bnb_4bit_compute_dtype: dtype the 4-bit layers compute in (float32 by default, as bitsandbytes;
             pass torch.bfloat16 for speed on a GPU).
         bnb_4bit_quant_type: "fp4" (default, as bitsandbytes) or "nf4".
@@ -196,6 +208,11 @@ class HalfbyteConfig(_ConfigBase):
         threshold = self.llm_int8_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, int | float):
             raise TypeError(f"HalfbyteConfig: llm_int8_threshold must be a float, got {threshold!r}")
+        if not math.isfinite(threshold) or threshold < 0:
+            raise ValueError(
+                f"HalfbyteConfig: llm_int8_threshold must be a finite number >= 0 (0 disables the outlier path), "
+                f"got {threshold!r}"
+            )
         self.llm_int8_threshold = float(threshold)
         skip = self.llm_int8_skip_modules
         if skip is not None:

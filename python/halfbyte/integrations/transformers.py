@@ -4,27 +4,31 @@
 ``HalfbyteHfQuantizer`` under the method name "halfbyte". Then:
 
 - **Quantize while loading** a full-precision checkpoint: the Linear layers of the model skeleton become
-  halfbyte ``Linear4bit`` shells on the meta device, and each weight is quantized on its device right after it is
-  read, before the next one is read (transformers loads synchronously when it quantizes), so peak memory is the
-  final footprint plus one full-precision weight. transformers' "Loading weights" bar shows the progress.
+  halfbyte ``Linear4bit`` (``load_in_4bit``) or ``Linear8bitLt`` (``load_in_8bit``, LLM.int8) shells on the meta
+  device, and each weight is quantized on its device right after it is read, before the next one is read
+  (transformers loads synchronously when it quantizes), so peak memory is the final footprint plus one
+  full-precision weight. transformers' "Loading weights" bar shows the progress.
 - **Load a pre-quantized checkpoint** (saved by halfbyte or by bitsandbytes: the same tensors and keys) without
-  re-quantizing: the packed bytes and the quant state are used as they are, bit for bit. The quant state of
-  every layer is checked before any weight is read, so a missing or corrupted one is a clear error.
-- **Save**: ``save_pretrained`` writes bitsandbytes' keys and bytes, and config.json says
-  ``"quant_method": "bitsandbytes"``, so bitsandbytes loads halfbyte checkpoints as its own.
+  re-quantizing: the packed bytes and the quant state (4-bit), or the int8 codes and their row absmax ``SCB``
+  (8-bit), are used as they are, bit for bit. The quant state of every layer is checked before any weight is
+  read, so a missing or corrupted one is a clear error that names the key.
+- **Save**: ``save_pretrained`` writes bitsandbytes' keys and bytes (8-bit: ``weight`` int8, ``SCB`` float32,
+  ``weight_format`` uint8 0), and config.json says ``"quant_method": "bitsandbytes"``, so bitsandbytes loads
+  halfbyte checkpoints as its own.
 - **Load a bitsandbytes checkpoint into halfbyte layers** (the documented call): pass a HalfbyteConfig::
 
       model = AutoModelForCausalLM.from_pretrained("some/llama-bnb-4bit", quantization_config=HalfbyteConfig())
 
   transformers alone would refuse a HalfbyteConfig for a checkpoint whose config.json names bitsandbytes;
   ``register()`` teaches ``AutoHfQuantizer.merge_quantization_configs`` this one case (a HalfbyteConfig passed
-  for a bitsandbytes 4-bit checkpoint) and leaves every other case to transformers. The checkpoint's format
-  fields win (they describe the stored tensors); a ``bnb_4bit_compute_dtype`` you pass wins over the saved one.
+  for a bitsandbytes 4-bit or 8-bit checkpoint) and leaves every other case to transformers. The checkpoint's
+  format fields win (they describe the stored tensors); a ``bnb_4bit_compute_dtype`` or ``llm_int8_threshold``
+  you pass (not the default) wins over the saved one, as both only change how the layers compute.
 
 lm_head (and any weight tied to the input embeddings) stays in 16 bits by default, as with bitsandbytes;
 ``HalfbyteConfig(llm_int8_skip_modules=[])`` quantizes every Linear including an untied lm_head. Generation
 with a static cache and torch.compile works (the quantizer reports itself compileable), and
-``model.get_memory_footprint()`` counts the quant state too (absmax, code tables), not only the packed bytes.
+``model.get_memory_footprint()`` counts the quant state too (absmax, code tables, SCB), not only the packed bytes.
 
 Written for transformers 5.x (checked against 5.17 and 5.23: their quantizer hooks differ slightly, both are
 served here).
@@ -58,6 +62,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from .. import functional as F
 from ..config import QUANT_METHOD, SAVED_QUANT_METHOD, HalfbyteConfig
 from ..nn.linear4bit import Linear4bit
+from ..nn.linear8bit import Int8Params, Linear8bitLt
 from ..nn.params4bit import Params4bit
 
 logger = logging.getLogger("halfbyte")
@@ -75,9 +80,19 @@ QUANT_STATE_SUFFIXES = (
 SERIALIZED_WEIGHT_NAMES = ("weight",) + QUANT_STATE_SUFFIXES
 _PACKED_STATE_MARKER = ".weight.quant_state.bitsandbytes__"
 
+# The state-dict entries of one 8-bit (LLM.int8) weight, as bitsandbytes writes them beside the module's weight
+# (not under it): ``weight`` the int8 codes [out, in], ``SCB`` one float32 absmax per output row, ``weight_format``
+# the layout (uint8 0, "row"). "weight" is last: transformers 5.17 matches a key against these patterns in order,
+# and "weight" would also match inside "weight_format".
+INT8_SERIALIZED_NAMES = ("SCB", "weight_format", "weight")
+_INT8_ROW_FORMAT = 0  # bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"], the only layout it still writes
+
+QUANTIZED_LAYERS = (Linear4bit, Linear8bitLt)
+
 
 class CheckpointError(ValueError):
-    """A pre-quantized checkpoint whose 4-bit quant state is missing, corrupted, or does not fit the model."""
+    """A pre-quantized checkpoint whose quant state (4-bit) or row absmax (8-bit) is missing, corrupted, or does
+    not fit the model."""
 
 
 # ---- checking a pre-quantized checkpoint before loading it -------------------------------------------------
@@ -195,6 +210,75 @@ def _check_one_quantized_weight(module, path, key, headers, problems, safe_open)
     return QuantizedTensorInfo(quant_type, blocksize, shape, dtype, nested)
 
 
+def inspect_int8_checkpoint(checkpoint_files: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """Check every 8-bit (LLM.int8) weight in `checkpoint_files` (.safetensors; other files are skipped) and
+    return its shape [out_features, in_features] by module name (``"model.layers.0.mlp.down_proj"``).
+
+    Reads only the safetensors headers and the small ``SCB`` and ``weight_format`` tensors (4 bytes per output
+    row). Raises CheckpointError listing the problems, each naming its key: an ``SCB`` without its weight, an int8
+    weight without its ``SCB``, an ``SCB`` that is not float32 with one entry per output row or holds negative,
+    NaN or infinite values, a weight that is not a 2-D int8 tensor, a ``weight_format`` other than "row" (0).
+    """
+    from safetensors import safe_open
+
+    headers: dict[str, tuple[str, list[int]]] = {}
+    files: dict[str, str] = {}
+    for path in checkpoint_files:
+        path = os.fspath(path)
+        if not path.endswith(".safetensors"):
+            continue
+        for key, entry in _read_safetensors_headers(path).items():
+            headers[key] = entry
+            files[key] = path
+
+    problems: list[str] = []
+    shapes: dict[str, tuple[int, int]] = {}
+    modules = sorted(key.removesuffix(".SCB") for key in headers if key.endswith(".SCB"))
+    for module in modules:
+        weight_key, scb_key, format_key = f"{module}.weight", f"{module}.SCB", f"{module}.weight_format"
+        if weight_key not in headers:
+            problems.append(f"'{module}': has '{scb_key}' but no int8 weight '{weight_key}'")
+            continue
+        weight_dtype, weight_shape = headers[weight_key]
+        if weight_dtype != "I8" or len(weight_shape) != 2:
+            problems.append(
+                f"'{module}': '{weight_key}' is {weight_shape} x {weight_dtype}; beside '{scb_key}' it must hold the "
+                "2-D int8 (I8) codes"
+            )
+            continue
+        scb_dtype, scb_shape = headers[scb_key]
+        if scb_dtype != "F32" or math.prod(scb_shape) != weight_shape[0]:
+            problems.append(
+                f"'{module}': '{scb_key}' must be float32 with one entry per output row ({weight_shape[0]}), got "
+                f"{scb_shape} x {scb_dtype}"
+            )
+            continue
+        with safe_open(files[scb_key], framework="pt") as handle:
+            row_absmax = handle.get_tensor(scb_key)
+        if not bool((torch.isfinite(row_absmax) & (row_absmax >= 0)).all()):
+            problems.append(f"'{module}': '{scb_key}' holds negative, NaN or infinite values (a corrupted row absmax)")
+            continue
+        if format_key in headers:
+            with safe_open(files[format_key], framework="pt") as handle:
+                weight_format = handle.get_tensor(format_key)
+            if weight_format.numel() != 1 or weight_format.item() != _INT8_ROW_FORMAT:
+                problems.append(
+                    f"'{module}': '{format_key}' is {weight_format.tolist()}; only the row layout (0) is supported"
+                )
+                continue
+        shapes[module] = (weight_shape[0], weight_shape[1])
+    for key, (dtype, _) in headers.items():
+        module = key.removesuffix(".weight").removesuffix(".weight_format")
+        if module in modules or module == key:
+            continue
+        if key.endswith(".weight_format") or dtype == "I8":
+            problems.append(f"'{module}': has '{key}' but no row absmax '{module}.SCB'")
+    if problems:
+        shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"the checkpoint's 8-bit weights are incomplete or corrupted:\n  {shown}")
+    return shapes
+
+
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a transformers Conv1D (whose weight is [in, out])."""
     if isinstance(module, Conv1D):
@@ -235,6 +319,27 @@ def _new_linear4bit(module: nn.Module, config: HalfbyteConfig, pre_quantized: bo
     return layer
 
 
+def _new_linear8bit(module: nn.Module, config: HalfbyteConfig, pre_quantized: bool) -> Linear8bitLt:
+    """A Linear8bitLt shell on the meta device in place of `module` (nn.Linear or Conv1D)."""
+    in_features, out_features = _linear_shape(module)
+    with torch.device("meta"):
+        layer = Linear8bitLt(
+            in_features,
+            out_features,
+            bias=module.bias is not None,
+            has_fp16_weights=config.llm_int8_has_fp16_weight,
+            threshold=config.llm_int8_threshold,
+        )
+        if pre_quantized:
+            # An int8 meta weight, so that no loader casts the int8 codes of the checkpoint to the model's dtype.
+            layer.weight = Int8Params(
+                torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False, has_fp16_weights=False
+            )
+    layer.source_cls = type(module)
+    layer.requires_grad_(False)
+    return layer
+
+
 def replace_with_halfbyte_linear(
     model: nn.Module,
     config: HalfbyteConfig,
@@ -242,10 +347,12 @@ def replace_with_halfbyte_linear(
     pre_quantized: bool = False,
     only: set[str] | None = None,
 ) -> list[str]:
-    """Replace the nn.Linear / Conv1D modules of a meta-device model skeleton by Linear4bit shells, in place.
+    """Replace the nn.Linear / Conv1D modules of a meta-device model skeleton by Linear4bit shells (Linear8bitLt
+    with ``config.load_in_8bit``), in place.
 
     `modules_to_not_convert` uses transformers' matching (full path prefix, regex or suffix); `only`, when
     given, converts exactly those module names instead. Returns the names converted."""
+    new_layer = _new_linear8bit if config.load_in_8bit else _new_linear4bit
     converted = []
     for name, module in list(model.named_modules()):
         if not name or not _is_convertible(module):
@@ -255,7 +362,7 @@ def replace_with_halfbyte_linear(
                 continue
         elif not should_convert_module(name, modules_to_not_convert):
             continue
-        model.set_submodule(name, _new_linear4bit(module, config, pre_quantized))
+        model.set_submodule(name, new_layer(module, config, pre_quantized))
         converted.append(name)
     return converted
 
@@ -267,10 +374,16 @@ def _first(value):
     return value[0] if isinstance(value, list) else value
 
 
-def _quantize_into(module: Linear4bit, value: torch.Tensor, config: HalfbyteConfig) -> Params4bit:
-    """`value` (a full-precision weight on its target device) quantized for `module`."""
+def _quantize_into(
+    module: Linear4bit | Linear8bitLt, value: torch.Tensor, config: HalfbyteConfig
+) -> Params4bit | Int8Params:
+    """`value` (a full-precision weight on its target device) quantized for `module`: packed 4-bit for a Linear4bit,
+    int8 codes and row absmax for a Linear8bitLt (kept in 16 bits when the layer has ``has_fp16_weights``)."""
     if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
-        value = value.t()  # Conv1D stores [in, out]; the 4-bit format is [out, in] (bitsandbytes does the same)
+        value = value.t()  # Conv1D stores [in, out]; the quantized formats are [out, in] (as bitsandbytes)
+    if isinstance(module, Linear8bitLt):
+        param = Int8Params(value.contiguous(), requires_grad=False, has_fp16_weights=module.state.has_fp16_weights)
+        return param.to(value.device)  # quantized on the device unless has_fp16_weights
     param = Params4bit(
         value.contiguous(),
         requires_grad=False,
@@ -299,7 +412,8 @@ class HalfbyteQuantize(ConversionOps):
 
 
 class HalfbyteDeserialize(ConversionOps):
-    """Loader op: one 4-bit weight from its packed bytes and quant-state tensors, bytes unchanged."""
+    """Loader op: one 4-bit weight from its packed bytes and quant-state tensors, or one 8-bit weight from its int8
+    codes and ``SCB``; bytes unchanged."""
 
     def __init__(self, hf_quantizer: HalfbyteHfQuantizer):
         self.hf_quantizer = hf_quantizer
@@ -309,6 +423,8 @@ class HalfbyteDeserialize(ConversionOps):
     ) -> dict[str, Any]:
         tensors = {key: _first(value) for key, value in input_dict.items()}
         module, _ = get_module_from_name(model, full_layer_name)
+        if self.hf_quantizer.quantization_config.load_in_8bit:
+            return self._int8_weight(tensors, module, full_layer_name)
         if "weight" not in tensors:
             raise CheckpointError(f"'{full_layer_name}': quant-state tensors {sorted(tensors)} without the weight")
         weight = tensors.pop("weight")
@@ -340,14 +456,57 @@ class HalfbyteDeserialize(ConversionOps):
         module._is_hf_initialized = True
         return {"weight": param}
 
+    def _int8_weight(self, tensors: dict[str, torch.Tensor], module: nn.Module, full_layer_name: str) -> dict:
+        """The Int8Params of one layer from its checkpoint tensors ``weight`` (int8), ``SCB`` and ``weight_format``
+        (bitsandbytes' keys beside the weight), checked: every error names the checkpoint key."""
+        layer = full_layer_name.rpartition(".")[0]
+        weight, SCB, weight_format = (tensors.pop(name, None) for name in ("weight", "SCB", "weight_format"))
+        if weight is None:
+            raise CheckpointError(f"'{layer}': has '{layer}.SCB' or '{layer}.weight_format' but no '{layer}.weight'")
+        if SCB is None:
+            if weight_format is not None or weight.dtype == torch.int8:
+                raise CheckpointError(
+                    f"'{layer}.weight' is an 8-bit weight but '{layer}.SCB' (its row absmax) is missing"
+                )
+            if isinstance(module, Linear8bitLt):  # a weight that is not quantized in the checkpoint
+                logger.info("halfbyte: %s is not quantized in the checkpoint; quantizing it now", layer)
+                module._is_hf_initialized = True
+                return {"weight": _quantize_into(module, weight, self.hf_quantizer.quantization_config)}
+            return {"weight": weight}
+        if not isinstance(module, Linear8bitLt):
+            raise CheckpointError(
+                f"'{layer}': the checkpoint holds an 8-bit weight ('{layer}.SCB') for a {type(module).__name__} that "
+                "the quantization config keeps unquantized"
+            )
+        if weight_format is not None and (weight_format.numel() != 1 or weight_format.item() != _INT8_ROW_FORMAT):
+            raise CheckpointError(
+                f"'{layer}.weight_format' is {weight_format.tolist()}; only the row layout (0) is supported"
+            )
+        expected = [module.out_features, module.in_features]
+        if weight.dtype != torch.int8 or list(weight.shape) != expected:
+            raise CheckpointError(
+                f"'{layer}.weight' is {list(weight.shape)} x {weight.dtype}; the model expects int8 codes of shape "
+                f"{expected} beside '{layer}.SCB'"
+            )
+        if SCB.dtype != torch.float32 or SCB.numel() != module.out_features:
+            raise CheckpointError(
+                f"'{layer}.SCB' must be float32 with {module.out_features} entries (one absmax per output row), got "
+                f"{list(SCB.shape)} x {SCB.dtype}"
+            )
+        if not bool((torch.isfinite(SCB) & (SCB >= 0)).all()):
+            raise CheckpointError(f"'{layer}.SCB' holds negative, NaN or infinite values (a corrupted row absmax)")
+        module.state.has_fp16_weights = False
+        module._is_hf_initialized = True
+        return {"weight": Int8Params(weight, requires_grad=False, has_fp16_weights=False, SCB=SCB.reshape(-1))}
+
 
 # ---- the quantizer ---------------------------------------------------------------------------------------
 
 
 def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
     """Bytes held by `model`'s parameters (and buffers), quant state included: the packed 4-bit bytes, every
-    absmax, nested absmax, offset and code table. Storage shared between tensors (tied weights, the code
-    tables all states share) is counted once."""
+    absmax, nested absmax, offset and code table; the int8 codes and the row absmax ``SCB`` of 8-bit weights.
+    Storage shared between tensors (tied weights, the code tables all states share) is counted once."""
     seen: set[tuple[str, int, int]] = set()
     total = 0
 
@@ -364,6 +523,7 @@ def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
     tensors = list(model.parameters()) + (list(model.buffers()) if return_buffers else [])
     for tensor in tensors:
         count(tensor)
+        count(getattr(tensor, "SCB", None))  # an Int8Params' row absmax (its codes are the tensor itself)
         state = getattr(tensor, "quant_state", None)
         if state is not None:
             for part in (state.absmax, state.code, state.offset):
@@ -374,6 +534,19 @@ def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
     return total
 
 
+def _lacks_quantized_weight(module: nn.Module) -> bool:
+    """True for a halfbyte layer whose weight is not (yet) in its quantized form: still on the meta device, or a
+    float weight where the layer wants packed 4-bit bytes or int8 codes."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, Linear4bit):
+        return not getattr(weight, "bnb_quantized", False)
+    if isinstance(module, Linear8bitLt):
+        if weight.device.type == "meta":
+            return True
+        return weight.dtype != torch.int8 and not module.state.has_fp16_weights
+    return False
+
+
 def _element_size(config: HalfbyteConfig, blocksize: int = 64) -> float:
     """Bytes per weight element of the 4-bit format, absmax included (for device-map planning)."""
     if config.bnb_4bit_use_double_quant:
@@ -382,40 +555,44 @@ def _element_size(config: HalfbyteConfig, blocksize: int = 64) -> float:
 
 
 class HalfbyteHfQuantizer(HfQuantizer):
-    """transformers quantizer for halfbyte's 4-bit layers (see the module docstring)."""
+    """transformers quantizer for halfbyte's 4-bit and 8-bit layers (see the module docstring)."""
 
     requires_calibration = False
     quantization_config: HalfbyteConfig
 
-    # transformers 5.23: the serialized names of a quantized "weight", and the op that loads them.
-    serialized_names = {"weight": list(SERIALIZED_WEIGHT_NAMES)}
+    @property
+    def serialized_names(self) -> dict[str, list[str]]:
+        """transformers 5.23: the serialized names of a quantized "weight" (4-bit or 8-bit per the config)."""
+        names = INT8_SERIALIZED_NAMES if self.quantization_config.load_in_8bit else SERIALIZED_WEIGHT_NAMES
+        return {"weight": list(names)}
 
     def __init__(self, quantization_config: HalfbyteConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
 
+    def _format_name(self) -> str:
+        """The format's name for messages: 8-bit or 4-bit."""
+        return "8-bit" if self.quantization_config.load_in_8bit else "4-bit"
+
     # -- environment and placement --
 
     def validate_environment(self, *args, **kwargs) -> None:
         config = self.quantization_config
-        if config.load_in_8bit:
-            raise NotImplementedError(
-                "HalfbyteConfig(load_in_8bit=True): halfbyte has no 8-bit (LLM.int8) layers yet; use load_in_4bit=True"
-            )
-        if not self.pre_quantized and not config.load_in_4bit:
+        if not self.pre_quantized and not (config.load_in_4bit or config.load_in_8bit):
             raise ValueError(
-                "HalfbyteConfig: load_in_4bit is False, so there is nothing to quantize; pass load_in_4bit=True "
-                "(a HalfbyteConfig() without it only loads checkpoints that are already 4-bit)"
+                "HalfbyteConfig: load_in_4bit and load_in_8bit are both False, so there is nothing to quantize; pass "
+                "load_in_4bit=True or load_in_8bit=True (a HalfbyteConfig() without them only loads checkpoints "
+                "that are already quantized)"
             )
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and not config.llm_int8_enable_fp32_cpu_offload:
             places = {str(value) for value in device_map.values()}
             if "disk" in places or ("cpu" in places and places != {"cpu"}):
                 raise ValueError(
-                    f"halfbyte: the device_map puts modules on {sorted(places)}; 4-bit layers cannot be offloaded to "
-                    "the CPU or disk while others run on a GPU. Give the GPU more room (max_memory), load the whole "
-                    "model on one device, or set HalfbyteConfig(llm_int8_enable_fp32_cpu_offload=True) to keep the "
-                    "offloaded modules unquantized."
+                    f"halfbyte: the device_map puts modules on {sorted(places)}; {self._format_name()} layers cannot "
+                    "be offloaded to the CPU or disk while others run on a GPU. Give the GPU more room (max_memory), "
+                    "load the whole model on one device, or set HalfbyteConfig(llm_int8_enable_fp32_cpu_offload=True) "
+                    "to keep the offloaded modules unquantized."
                 )
 
     def update_device_map(self, device_map):
@@ -435,10 +612,15 @@ class HalfbyteHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs) -> bool:
         module, name = get_module_from_name(model, param_name)
-        return isinstance(module, Linear4bit) and name == "weight"
+        return isinstance(module, QUANTIZED_LAYERS) and name == "weight"
 
     def param_element_size(self, model: nn.Module, param_name: str, param: torch.Tensor) -> float:
         if self.param_needs_quantization(model, param_name):
+            module, _ = get_module_from_name(model, param_name)
+            if isinstance(module, Linear8bitLt):
+                if module.state.has_fp16_weights:
+                    return param.element_size()
+                return 1 + 4 / module.in_features  # the int8 code and its share of the row's float32 absmax
             return _element_size(self.quantization_config)
         return param.element_size()
 
@@ -466,41 +648,50 @@ class HalfbyteHfQuantizer(HfQuantizer):
         return model
 
     def _modules_quantized_in_checkpoint(self, model: nn.Module, checkpoint_files) -> set[str] | None:
-        """Names of the model's Linear modules that the checkpoint holds 4-bit weights for (None when the
-        checkpoint's names cannot be matched to the model's, e.g. a model whose loading renames keys)."""
+        """Names of the model's Linear modules that the checkpoint holds 4-bit (8-bit with ``load_in_8bit``)
+        weights for (None when the checkpoint's names cannot be matched to the model's, e.g. a model whose loading
+        renames keys, or when an 8-bit checkpoint was saved with ``llm_int8_has_fp16_weight``: 16-bit weights)."""
         if not checkpoint_files:
             return None
-        infos = inspect_quantized_checkpoint(checkpoint_files)
+        config = self.quantization_config
         safetensors_files = [f for f in checkpoint_files if os.fspath(f).endswith(".safetensors")]
-        if safetensors_files and not infos:
-            raise CheckpointError(
-                "config.json says the weights are bitsandbytes/halfbyte 4-bit, but the checkpoint holds no "
-                "'*.weight.quant_state.bitsandbytes__<nf4|fp4>' tensors (a full-precision checkpoint with a "
-                "leftover quantization_config?)"
-            )
+        if config.load_in_8bit:
+            shapes = inspect_int8_checkpoint(checkpoint_files)
+            if safetensors_files and not shapes:
+                if config.llm_int8_has_fp16_weight:
+                    return None  # saved with 16-bit weights: they are loaded as the config says
+                raise CheckpointError(
+                    "config.json says the weights are bitsandbytes/halfbyte 8-bit (load_in_8bit), but the checkpoint "
+                    "holds no '*.SCB' tensors (a full-precision checkpoint with a leftover quantization_config?)"
+                )
+        else:
+            infos = inspect_quantized_checkpoint(checkpoint_files)
+            if safetensors_files and not infos:
+                raise CheckpointError(
+                    "config.json says the weights are bitsandbytes/halfbyte 4-bit, but the checkpoint holds no "
+                    "'*.weight.quant_state.bitsandbytes__<nf4|fp4>' tensors (a full-precision checkpoint with a "
+                    "leftover quantization_config?)"
+                )
+            shapes = {name: tuple(info.shape) for name, info in infos.items()}
         linear = {name: module for name, module in model.named_modules() if _is_convertible(module)}
         prefix = getattr(model, "base_model_prefix", "")
         matched: set[str] = set()
-        for name in infos:
+        for name, shape in shapes.items():
             candidates = [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]
             found = next((c for c in candidates if c in linear), None)
             if found is None:
                 return None  # renamed keys: fall back to the config's skip list
             in_features, out_features = _linear_shape(linear[found])
-            if list(infos[name].shape) != [out_features, in_features]:
+            if list(shape) != [out_features, in_features]:
                 raise CheckpointError(
-                    f"'{name}': the checkpoint's 4-bit weight has shape {list(infos[name].shape)}, the model's layer "
-                    f"is [{out_features}, {in_features}] (a checkpoint of another model size?)"
+                    f"'{name}': the checkpoint's {self._format_name()} weight has shape {list(shape)}, the model's "
+                    f"layer is [{out_features}, {in_features}] (a checkpoint of another model size?)"
                 )
             matched.add(found)
         return matched
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        unquantized = [
-            name
-            for name, module in model.named_modules()
-            if isinstance(module, Linear4bit) and not getattr(module.weight, "bnb_quantized", False)
-        ]
+        unquantized = [name for name, module in model.named_modules() if _lacks_quantized_weight(module)]
         for name in unquantized:
             module = model.get_submodule(name)
             if module.weight.device.type == "meta":
@@ -527,9 +718,13 @@ class HalfbyteHfQuantizer(HfQuantizer):
     def get_weight_conversions(self) -> list:
         if not self.pre_quantized:
             return []
+        if self.quantization_config.load_in_8bit:
+            names = list(INT8_SERIALIZED_NAMES)
+        else:
+            names = list(QUANT_STATE_SUFFIXES) + ["weight"]
         return [
             WeightConverter(
-                source_patterns=list(QUANT_STATE_SUFFIXES) + ["weight"],
+                source_patterns=names,
                 target_patterns="weight",
                 operations=[HalfbyteDeserialize(self)],
             )
@@ -552,11 +747,17 @@ class HalfbyteHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
-        """Replace every Linear4bit by a full-precision nn.Linear (or Conv1D) holding its dequantized weight."""
+        """Replace every Linear4bit / Linear8bitLt by a full-precision nn.Linear (or Conv1D) holding its
+        dequantized weight."""
         for name, module in list(model.named_modules()):
-            if not isinstance(module, Linear4bit):
+            if isinstance(module, Linear4bit):
+                weight = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            elif isinstance(module, Linear8bitLt):
+                weight = module.weight.data
+                if weight.dtype == torch.int8:
+                    weight = F.int8_vectorwise_dequant(weight, module.weight.SCB)
+            else:
                 continue
-            weight = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
             weight = weight.to(dtype) if dtype is not None else weight
             if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
                 replacement = Conv1D(module.out_features, module.in_features)
@@ -576,8 +777,8 @@ class HalfbyteHfQuantizer(HfQuantizer):
 # ---- loading bitsandbytes checkpoints through a HalfbyteConfig ------------------------------------------
 
 
-def _bitsandbytes_4bit_dict(quantization_config) -> dict | None:
-    """The saved quantization_config as a dict when it is bitsandbytes' (4-bit), else None."""
+def _bitsandbytes_saved_dict(quantization_config) -> dict | None:
+    """The saved quantization_config as a dict when it is bitsandbytes' (4-bit or 8-bit), else None."""
     if isinstance(quantization_config, HalfbyteConfig):
         return quantization_config.to_dict()
     if not isinstance(quantization_config, dict):
@@ -591,25 +792,28 @@ def _bitsandbytes_4bit_dict(quantization_config) -> dict | None:
     load_in_4bit = quantization_config.get("load_in_4bit", quantization_config.get("_load_in_4bit", False))
     if method not in (SAVED_QUANT_METHOD, QUANT_METHOD, None) or not (load_in_4bit or load_in_8bit):
         return None
-    if load_in_8bit:
-        raise ValueError(
-            "halfbyte: this checkpoint is bitsandbytes LLM.int8 (load_in_8bit); halfbyte loads 4-bit checkpoints only"
-        )
     return quantization_config
+
+
+# Fields that only change how the layers compute, not what the checkpoint stores: a value passed for them (other
+# than the default) wins over the saved one.
+RUNTIME_FIELDS = ("bnb_4bit_compute_dtype", "llm_int8_threshold")
 
 
 def config_for_checkpoint(saved: dict, requested: HalfbyteConfig) -> HalfbyteConfig:
     """The HalfbyteConfig that loads a checkpoint saved with `saved` (a bitsandbytes/halfbyte
-    quantization_config) when the caller passed `requested`: the saved format fields, the requested compute
-    dtype when it is not the default."""
+    quantization_config) when the caller passed `requested`: the saved format fields, and the requested
+    ``RUNTIME_FIELDS`` (compute dtype, int8 threshold) where they are not the default."""
     config = HalfbyteConfig.from_dict(saved)
     default = HalfbyteConfig()
-    if requested.bnb_4bit_compute_dtype != default.bnb_4bit_compute_dtype:
-        config.bnb_4bit_compute_dtype = requested.bnb_4bit_compute_dtype
+    for name in RUNTIME_FIELDS:
+        if getattr(requested, name) != getattr(default, name):
+            setattr(config, name, getattr(requested, name))
+    config.post_init()
     ignored = [
         key
         for key, value in requested.to_dict().items()
-        if key not in ("bnb_4bit_compute_dtype", "_load_in_4bit", "load_in_4bit")
+        if key not in RUNTIME_FIELDS + ("_load_in_4bit", "_load_in_8bit")
         and value != default.to_dict()[key]
         and value != config.to_dict()[key]
     ]
@@ -621,10 +825,10 @@ def config_for_checkpoint(saved: dict, requested: HalfbyteConfig) -> HalfbyteCon
 
 
 def _merge_quantization_configs(cls, quantization_config, quantization_config_from_args):
-    """AutoHfQuantizer.merge_quantization_configs, plus: a HalfbyteConfig passed for a bitsandbytes 4-bit
-    checkpoint loads it into halfbyte layers."""
+    """AutoHfQuantizer.merge_quantization_configs, plus: a HalfbyteConfig passed for a bitsandbytes 4-bit or
+    8-bit checkpoint loads it into halfbyte layers."""
     if isinstance(quantization_config_from_args, HalfbyteConfig):
-        saved = _bitsandbytes_4bit_dict(quantization_config)
+        saved = _bitsandbytes_saved_dict(quantization_config)
         if saved is not None:
             return config_for_checkpoint(saved, quantization_config_from_args)
     return _original_merge.__func__(cls, quantization_config, quantization_config_from_args)
