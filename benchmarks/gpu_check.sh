@@ -91,7 +91,8 @@ fi
 
 if [ "$bench" = 1 ]; then
   # The four notebooks, top to bottom, on the GPU (nbclient; the printed outputs go to the log).
-  step notebooks notebooks.log "$py" -m pytest -q -rs -p no:cacheprovider tests/test_notebooks.py
+  HALFBYTE_NOTEBOOK_OUTPUT_DIR="$results/notebooks" \
+    step notebooks notebooks.log "$py" -m pytest -q -rs -p no:cacheprovider tests/test_notebooks.py
   step bench_quantize bench_quantize.log "$py" benchmarks/bench_quantize_cuda.py --json "$results/quantize.json"
   step bench_gemm bench_gemm.log "$py" benchmarks/bench_gemm_4bit_cuda.py --batches "${GEMM_BATCHES:-1,4,16,64,256,2048}" \
     --json "$results/gemm.json"

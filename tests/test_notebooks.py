@@ -1,6 +1,7 @@
 """The notebooks in notebooks/ run top to bottom (every cell; a failing cell or assertion fails the test) and
 are stored without outputs. They share one folder for the built-in model, built on first use."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,12 @@ def test_notebook_runs_top_to_bottom(path, notebook_workdir, monkeypatch):
     client = nbclient.NotebookClient(
         notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(notebook_workdir)}}
     )
-    client.execute()  # raises CellExecutionError naming the cell on the first failure
+    try:
+        client.execute()  # raises CellExecutionError naming the cell on the first failure
+    finally:
+        keep = os.environ.get("HALFBYTE_NOTEBOOK_OUTPUT_DIR")  # the GPU script keeps the executed notebooks
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            nbformat.write(notebook, Path(keep) / path.name)
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
