@@ -51,13 +51,12 @@ def bf16_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def quantized_folder(tmp_path_factory, bf16_folder):
     folder = tmp_path_factory.mktemp("nf4")
-    AutoModelForCausalLM.from_pretrained(bf16_folder, quantization_config=HalfbyteConfig(**NF4_DQ)).save_pretrained(
-        folder
-    )
+    load(bf16_folder, HalfbyteConfig(**NF4_DQ)).save_pretrained(folder)
     return folder
 
 
 def load(folder, config, **kwargs):
+    kwargs.setdefault("device_map", "cpu")  # without one, the quantizer picks the GPU where there is one
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, **kwargs)
 
 
@@ -196,7 +195,7 @@ def test_round_trip_gives_the_same_model(bf16_folder, tmp_path):
 
 def test_bitsandbytes_loads_a_halfbyte_checkpoint(quantized_folder):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: its loader not checked")
-    model = AutoModelForCausalLM.from_pretrained(quantized_folder)  # config.json says bitsandbytes
+    model = AutoModelForCausalLM.from_pretrained(quantized_folder, device_map="cpu")  # config.json: bitsandbytes
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
     checkpoint = safetensors_torch.load_file(quantized_folder / "model.safetensors")
     state = model.state_dict()
