@@ -172,3 +172,16 @@ def test_weight_quantized_as_k_by_n_still_works_with_a_warning():
     with pytest.warns(UserWarning, match="quantized as \\[K, N\\]"):
         out = halfbyte.matmul_4bit(A, packed, state)
     torch.testing.assert_close(out, A @ F.dequantize_4bit(packed, state), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_path_equals_the_autograd_path(device):
+    packed, state = _weight(48, 64, 64, "nf4", True, device)
+    A = random_tensor((3, 64), torch.bfloat16, device)
+    bias = random_tensor((48,), torch.bfloat16, device, seed=2)
+    with_graph = halfbyte.matmul_4bit(A.clone().requires_grad_(), packed, state, bias=bias)
+    assert with_graph.grad_fn is not None
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = halfbyte.matmul_4bit(A, packed, state, bias=bias)  # below the autograd key
+        assert out.grad_fn is None and torch.equal(out, with_graph.detach())

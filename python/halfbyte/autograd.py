@@ -21,6 +21,10 @@ def gemm_4bit_args(B: torch.Tensor, quant_state: QuantState) -> tuple:
     return (B.reshape(-1, 1), list(quant_state.shape), absmax, quant_state.blocksize, quant_state.quant_type), nested
 
 
+def _needs_gradient(A: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def matmul_4bit(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -51,7 +55,13 @@ def matmul_4bit(
         result = torch.nn.functional.linear(A, weight.t(), bias)
     else:
         args, nested = gemm_4bit_args(B, quant_state)
-        result = torch.ops.halfbyte.gemm_4bit(A, *args, bias=bias, **nested)
+        if torch.compiler.is_compiling() or _needs_gradient(A, bias):
+            result = torch.ops.halfbyte.gemm_4bit(A, *args, bias=bias, **nested)
+        else:
+            # Inference: no gradient can flow, so call the kernel below the autograd key. This skips the op's
+            # Python autograd wrapper, a host cost paid on every layer call of eager decoding.
+            with torch._C._AutoDispatchBelowAutograd():
+                result = torch.ops.halfbyte.gemm_4bit.default(A, *args, bias=bias, **nested)
     if out is not None:
         return out.copy_(result)
     return result
