@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from .quantized_parameter import QuantizedParameter
+from .quantized_state_dict import load_target_device
 
 _ATTRIBUTES = ("CB", "SCB", "has_fp16_weights")
 _WEIGHT_FORMATS = {"row": 0}  # bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING (only "row" is still written)
@@ -50,13 +52,10 @@ def _check_threshold(owner: str, threshold) -> float:
     return float(threshold)
 
 
-def _rebuild_int8_params(data: torch.Tensor, requires_grad: bool, attributes: dict[str, Any]) -> Int8Params:
-    """Unpickling: the same class and attributes (module-level so pickle finds it by name)."""
-    return Int8Params(data, requires_grad=requires_grad, **attributes)
-
-
-class Int8Params(torch.nn.Parameter):
+class Int8Params(QuantizedParameter):
     """An int8 weight (see the module docstring). Quantized when ``data`` is int8."""
+
+    _attribute_names = _ATTRIBUTES
 
     def __new__(
         cls,
@@ -93,12 +92,6 @@ class Int8Params(torch.nn.Parameter):
         self.SCB = SCB
         return self
 
-    def cpu(self) -> Int8Params:
-        return self.to(device="cpu")
-
-    def cuda(self, device: int | torch.device | str | None = None, non_blocking: bool = False) -> Int8Params:
-        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
-
     def to(self, *args, **kwargs) -> Int8Params:
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         quantized = self.data.dtype == torch.int8
@@ -118,28 +111,10 @@ class Int8Params(torch.nn.Parameter):
 
     # ---- copy, deepcopy, pickle -----------------------------------------------------------------------
 
-    def _attributes(self) -> dict[str, Any]:
-        return {name: self.__dict__.get(name) for name in _ATTRIBUTES}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["data"] = self.data
-        state["requires_grad"] = self.requires_grad
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.requires_grad = state["requires_grad"]
-        for name in _ATTRIBUTES:
-            setattr(self, name, state[name])
-        self.data = state["data"]
+        super().__setstate__(state)
         if self.data.dtype == torch.int8:
             self.CB = self.data
-
-    def __copy__(self) -> Int8Params:
-        """Shares the codes and SCB."""
-        new = type(self).__new__(type(self))
-        new.__setstate__(self.__getstate__())
-        return new
 
     def __deepcopy__(self, memo: dict) -> Int8Params:
         new = type(self).__new__(type(self))
@@ -151,10 +126,8 @@ class Int8Params(torch.nn.Parameter):
         new.__setstate__(state)
         return new
 
-    def __reduce_ex__(self, protocol):
-        attributes = self._attributes()
-        attributes["CB"] = None  # the codes are `data`
-        return _rebuild_int8_params, (self.data, self.requires_grad, attributes)
+    def _pickled_attributes(self) -> dict[str, Any]:
+        return self._attributes() | {"CB": None}  # the codes are `data`
 
     def __repr__(self) -> str:
         if self.data.dtype != torch.int8:
@@ -303,10 +276,6 @@ class Linear8bitLt(nn.Linear):
         if handled and weight_key in missing_keys:
             missing_keys.remove(weight_key)
 
-    def _target_device(self, incoming: torch.Tensor) -> torch.device:
-        device = self.weight.device
-        return incoming.device if device.type == "meta" else device
-
     def _check_shape(self, key: str, shape, error_msgs) -> bool:
         expected = [self.out_features, self.in_features]
         if list(shape) != expected:
@@ -323,7 +292,7 @@ class Linear8bitLt(nn.Linear):
                 f"{SCB.dtype} with {SCB.numel()}"
             )
             return
-        device = self._target_device(weight)
+        device = load_target_device(self.weight, weight)
         self.weight = Int8Params(
             weight.detach().to(device), requires_grad=False, has_fp16_weights=False,
             SCB=SCB.detach().reshape(-1).to(device, torch.float32),

@@ -23,6 +23,7 @@ import torch
 from .. import functional as F
 from .. import reference
 from ..quant_state import QuantState
+from .quantized_parameter import QuantizedParameter
 
 _ATTRIBUTES = (
     "blocksize",
@@ -44,13 +45,10 @@ def _check_format(blocksize, quant_type, quant_storage) -> None:
         raise TypeError(f"Params4bit: quant_storage must be uint8, float16, bfloat16 or float32, got {quant_storage}")
 
 
-def _rebuild_params4bit(data: torch.Tensor, requires_grad: bool, attributes: dict[str, Any]) -> Params4bit:
-    """Unpickling: the same class and attributes (module-level so pickle finds it by name)."""
-    return Params4bit(data, requires_grad=requires_grad, **attributes)
-
-
-class Params4bit(torch.nn.Parameter):
+class Params4bit(QuantizedParameter):
     """A 4-bit weight (see the module docstring). ``requires_grad`` defaults to False: the base is frozen."""
+
+    _attribute_names = _ATTRIBUTES
 
     def __new__(
         cls,
@@ -137,12 +135,6 @@ class Params4bit(torch.nn.Parameter):
             self.module.quant_state = state
         return self
 
-    def cpu(self) -> Params4bit:
-        return self.to(device="cpu")
-
-    def cuda(self, device: int | torch.device | str | None = None, non_blocking: bool = False) -> Params4bit:
-        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
-
     def to(self, *args, **kwargs) -> Params4bit:
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         if device is not None and device.type != "meta" and not self.bnb_quantized:
@@ -172,27 +164,6 @@ class Params4bit(torch.nn.Parameter):
 
     # ---- copy, deepcopy, pickle -----------------------------------------------------------------------
 
-    def _attributes(self) -> dict[str, Any]:
-        return {name: self.__dict__.get(name) for name in _ATTRIBUTES}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["data"] = self.data
-        state["requires_grad"] = self.requires_grad
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.requires_grad = state["requires_grad"]
-        for name in _ATTRIBUTES:
-            setattr(self, name, state[name])
-        self.data = state["data"]
-
-    def __copy__(self) -> Params4bit:
-        """Shares the bytes, the QuantState and the module (as bitsandbytes)."""
-        new = type(self).__new__(type(self))
-        new.__setstate__(self.__getstate__())
-        return new
-
     def __deepcopy__(self, memo: dict) -> Params4bit:
         """Copies the bytes and the QuantState; the module is the copy when the module is being deep-copied
         (it is then in `memo`), otherwise the same module (as bitsandbytes)."""
@@ -204,9 +175,6 @@ class Params4bit(torch.nn.Parameter):
         state["module"] = memo.get(id(state["module"]), state["module"])
         new.__setstate__(state)
         return new
-
-    def __reduce_ex__(self, protocol):
-        return _rebuild_params4bit, (self.data, self.requires_grad, self._attributes())
 
     # ---- quant-state fields as attributes (FSDP resolves "weight.absmax" etc. through getattr) ---------
 

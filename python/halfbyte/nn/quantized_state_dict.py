@@ -23,6 +23,12 @@ from .params4bit import Params4bit, check_packed_matches_state, requantized
 _NESTED_KEYS = ("nested_absmax", "nested_quant_map")
 
 
+def load_target_device(weight: torch.Tensor, incoming: torch.Tensor) -> torch.device:
+    """Where a loaded quantized weight goes: the module weight's device, or for a meta-device module (built
+    empty, to be filled from a checkpoint) the device of the loaded tensor."""
+    return incoming.device if weight.device.type == "meta" else weight.device
+
+
 class QuantizedWeightStateDict:
     """Mixin for an nn.Module with a ``weight`` Params4bit; put it before the torch module class."""
 
@@ -50,10 +56,6 @@ class QuantizedWeightStateDict:
         if handled and weight_key in missing_keys:
             missing_keys.remove(weight_key)
 
-    def _target_device(self, incoming: torch.Tensor) -> torch.device:
-        device = self.weight.device
-        return incoming.device if device.type == "meta" else device
-
     def _load_quantized_weight(self, weight_key, state_dict, state_keys, error_msgs) -> bool:
         if weight_key not in state_dict:
             error_msgs.append(f"missing key '{weight_key}' (the packed 4-bit weight) beside {sorted(state_keys)}")
@@ -70,7 +72,7 @@ class QuantizedWeightStateDict:
         if missing:
             error_msgs.append(f"missing quant-state key(s) {missing} for '{weight_key}'")
             return False
-        device = self._target_device(packed)
+        device = load_target_device(self.weight, packed)
         try:
             state = QuantState.from_dict(fields, device=device)
         except ValueError as error:
