@@ -1,6 +1,10 @@
 """4-bit matmul on the GPU: halfbyte beside bitsandbytes and torch bf16 F.linear, one run.
 
     python benchmarks/bench_gemm_4bit_cuda.py [--json results/gemm.json] [--batches 1,4,16]
+        [--shapes 4096x4096,...] [--nested both|no|yes] [--forced prefill,dequantize]
+
+--forced also times halfbyte with each named kernel path forced (HALFBYTE_GEMM_4BIT_KERNEL), where it
+applies, into the columns forced_<path>_us: the data behind the dispatch rule in csrc/torch/cuda_ops.cpp.
 
 Llama-3-8B layer shapes (N x K), bf16 activations, NF4, blocksize 64, with and without double
 quantization. Each configuration is timed as CUDA-graph replays over enough weight copies that the
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from functools import partial
 
 import halfbyte
@@ -28,7 +33,11 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--batches", default="1,4,16,64,256,2048")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    parser.add_argument("--nested", choices=["both", "no", "yes"], default="both")
+    parser.add_argument("--forced", default="")
     args = parser.parse_args()
+    forced = [f for f in args.forced.split(",") if f]
+    nested_values = {"both": (False, True), "no": (False,), "yes": (True,)}[args.nested]
     batches = [int(b) for b in args.batches.split(",")]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     bnb = bitsandbytes_or_none()
@@ -41,7 +50,7 @@ def main() -> None:
         weights = [
             torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(max(copies, bf16_copies))
         ]
-        for nested in (False, True):
+        for nested in nested_values:
             ours = [F.quantize_4bit(w, quant_type="nf4", compress_statistics=nested) for w in weights[:copies]]
             theirs = (
                 [
@@ -60,6 +69,13 @@ def main() -> None:
                 bnb_us = median_us_per_call(bnb_calls) if bnb else None
                 bf16_calls = [partial(torch.nn.functional.linear, x, w) for w in weights[:bf16_copies]]
                 bf16_us = median_us_per_call(bf16_calls)
+                forced_us = {}
+                for path in forced:
+                    os.environ["HALFBYTE_GEMM_4BIT_KERNEL"] = path  # read when the graph is captured
+                    forced_us[f"forced_{path}_us"] = median_us_per_call(
+                        [partial(halfbyte.matmul_4bit, x, p.t(), s) for p, s in ours]
+                    )
+                    del os.environ["HALFBYTE_GEMM_4BIT_KERNEL"]
                 rows.append(
                     {
                         "N": N,
@@ -74,6 +90,7 @@ def main() -> None:
                         "x_bf16": bf16_us / us,
                         "x_bnb": bnb_us / us if bnb_us else None,
                     }
+                    | forced_us
                 )
                 print(rows[-1], flush=True)
             del ours, theirs

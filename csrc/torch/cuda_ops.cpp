@@ -2,14 +2,23 @@
 // torch-free launchers of csrc/cuda/ on the current stream under a device guard. No host
 // synchronization and no host->device copies, so every op can be captured in a CUDA graph.
 //
-// gemm_4bit / gemv_4bit dispatch (rows M = A.numel() / K):
+// gemm_4bit / gemv_4bit dispatch (rows M = A.numel() / K), see choose_gemm_kernel:
 //   M <= kDecodeMaxRows  -> the fused decode kernel (gemm_4bit_decode.cu): streams the 4-bit weight once.
-//   larger M             -> dequantize the weight to A's dtype, then at::linear (cuBLAS).
+//   M <= 32, or M <= 64 with N * K >= 2^25, on shapes gemm_4bit_prefill_supported accepts -> the fused
+//                           tensor-core kernel (gemm_4bit_prefill.cu): weight dequantized in registers.
+//   otherwise            -> dequantize the weight to A's dtype, then at::linear (cuBLAS).
+// The rule is measured (H100, benchmarks/README.md): the fused kernel is limited by its dequantize
+// instructions (shuffles through the shared-memory pipe), so it beats dequantize + cuBLAS only while
+// the bf16 copy of the weight costs more than that work: up to M = 64 on the large Llama shapes (14336 x
+// 4096: 63 us against 99 us at M = 64), up to M = 32 on the 4096 x 4096 ones.
+// HALFBYTE_GEMM_4BIT_KERNEL=decode|prefill|dequantize forces one path where it applies (tests, benchmarks).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include "halfbyte/cuda_kernels.h"
@@ -19,6 +28,7 @@ namespace halfbyte::ops {
 namespace {
 
 constexpr int64_t kDecodeMaxRows = 16;
+
 
 void check_cuda(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess,
@@ -137,6 +147,26 @@ void dequantize_blockwise_out_cuda(const at::Tensor& A, const at::Tensor& absmax
   dequantize_blockwise_into(p, code, blocksize);
 }
 
+enum class GemmKernel { kDecode, kPrefill, kDequantize };
+
+// The path for a validated plan; a forced path that cannot run these arguments falls back to the rule.
+GemmKernel choose_gemm_kernel(const GemmPlan& p, int64_t blocksize, const c10::optional<at::Tensor>& absmax_8bit) {
+  const at::ScalarType dtype = p.A2.scalar_type();
+  const bool prefill_ok =
+      dtype != at::kFloat && cuda::gemm_4bit_prefill_supported(to_dtype(dtype), p.M, p.N, p.K,
+                                                               p.M > 1 ? p.A2.stride(0) : p.K,
+                                                               p.A2.const_data_ptr(), bytes_of(p.B), blocksize,
+                                                               absmax_8bit.has_value() ? bytes_of(*absmax_8bit) : nullptr);
+  if (const char* forced = std::getenv("HALFBYTE_GEMM_4BIT_KERNEL")) {
+    if (std::strcmp(forced, "decode") == 0) return GemmKernel::kDecode;
+    if (std::strcmp(forced, "dequantize") == 0) return GemmKernel::kDequantize;
+    if (std::strcmp(forced, "prefill") == 0 && prefill_ok) return GemmKernel::kPrefill;
+  }
+  if (p.M <= kDecodeMaxRows) return GemmKernel::kDecode;
+  if (prefill_ok && (p.M <= 32 || (p.M <= 64 && p.N * p.K >= (int64_t{1} << 25)))) return GemmKernel::kPrefill;
+  return GemmKernel::kDequantize;
+}
+
 // out = A @ W^T (+ bias) for a validated plan, choosing the kernel by the number of rows.
 at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const float* table,
                               int64_t blocksize, const c10::optional<at::Tensor>& bias,
@@ -144,7 +174,25 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
                               const c10::optional<at::Tensor>& absmax_code,
                               const c10::optional<at::Tensor>& absmax_offset) {
   const at::ScalarType dtype = p.A2.scalar_type();
-  if (p.M <= kDecodeMaxRows) {
+  const GemmKernel kernel = choose_gemm_kernel(p, blocksize, absmax_8bit);
+  if (kernel == GemmKernel::kPrefill) {
+    at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
+    const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
+    const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    cuda::PrefillPlan plan;
+    check_cuda(cuda::gemm_4bit_prefill_plan(p.M, p.N, p.K, &plan), "halfbyte::gemm_4bit");
+    const at::Tensor workspace =
+        plan.splits > 1 ? at::empty({plan.workspace_floats}, p.A2.options().dtype(at::kFloat)) : at::Tensor();
+    check_cuda(cuda::gemm_4bit_prefill(p.A2.const_data_ptr(), to_dtype(dtype), p.M, p.K,
+                                       p.M > 1 ? p.A2.stride(0) : p.K, bytes_of(p.B), s.scales, table, p.N,
+                                       blocksize, bias_c.defined() ? bias_c.const_data_ptr() : nullptr,
+                                       out.data_ptr(), plan,
+                                       workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+                                       c10::cuda::getCurrentCUDAStream()),
+               "halfbyte::gemm_4bit");
+    return out.view(p.out_shape);
+  }
+  if (kernel == GemmKernel::kDecode) {
     at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
     const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();

@@ -1,4 +1,5 @@
-// GoogleTest of halfbyte::cuda::gemm_4bit (csrc/cuda/gemm_4bit_decode.cu) against a float64 host
+// GoogleTest of halfbyte::cuda::gemm_4bit (csrc/cuda/gemm_4bit_decode.cu) and gemm_4bit_prefill
+// (csrc/cuda/gemm_4bit_prefill.cu) against a float64 host
 // reference: W dequantized on the host (level * block scale in float32, as the format defines it),
 // then out = A W^T (+ bias) in double. Skipped when no CUDA device is present.
 //
@@ -105,6 +106,7 @@ struct Case {
   DType dtype = DType::kBFloat16;
   int64_t a_offset = 0;       // elements before A's first row (odd: unaligned rows)
   int64_t packed_offset = 0;  // bytes before the packed codes (nonzero: unaligned)
+  bool prefill = false;       // call gemm_4bit_prefill (the tensor-core kernel for larger M)
 };
 
 std::string describe(const Case& c) {
@@ -238,9 +240,22 @@ void run_case(const Case& c, uint64_t seed) {
   if (c.M * c.N > 0) ASSERT_EQ(cudaMemset(d_out.get(), 0xff, c.M * c.N * esize), cudaSuccess);
 
   const void* a_ptr = d_a.get<uint8_t>() + c.a_offset * esize;
-  ASSERT_EQ(cuda::gemm_4bit(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales, dw.table.get<float>(),
-                            c.N, c.blocksize, c.bias ? d_bias.get() : nullptr, d_out.get(), nullptr),
-            cudaSuccess);
+  if (c.prefill) {
+    ASSERT_TRUE(cuda::gemm_4bit_prefill_supported(c.dtype, c.M, c.N, c.K, c.lda, a_ptr, dw.packed_ptr, c.blocksize,
+                                                 dw.scales.absmax_codes));
+    cuda::PrefillPlan plan;
+    ASSERT_EQ(cuda::gemm_4bit_prefill_plan(c.M, c.N, c.K, &plan), cudaSuccess);
+    DeviceBuffer workspace(plan.workspace_floats * 4);
+    ASSERT_TRUE(workspace.ok());
+    ASSERT_EQ(cuda::gemm_4bit_prefill(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales,
+                                      dw.table.get<float>(), c.N, c.blocksize, c.bias ? d_bias.get() : nullptr,
+                                      d_out.get(), plan, workspace.get<float>(), nullptr),
+              cudaSuccess);
+  } else {
+    ASSERT_EQ(cuda::gemm_4bit(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales, dw.table.get<float>(),
+                              c.N, c.blocksize, c.bias ? d_bias.get() : nullptr, d_out.get(), nullptr),
+              cudaSuccess);
+  }
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint8_t> out_bytes(c.M * c.N * esize);
   if (!out_bytes.empty()) {
@@ -275,7 +290,9 @@ void run_case(const Case& c, uint64_t seed) {
       // fp32 adds the bias to the float32 sum: 2^-24 of |bias| more.
       const double tol = 1e-5 * abs_sum + std::ldexp(std::fabs(bias[j]), -23) +
                          unit * (std::fabs(ref) + 1e-5 * abs_sum) +
-                         (c.dtype == DType::kFloat16 ? std::ldexp(1.0, -25) : 0.0);
+                         (c.dtype == DType::kFloat16 ? std::ldexp(1.0, -25) : 0.0) +
+                         // the prefill kernel rounds each weight to the dtype: 2^-9 / 2^-12 of |a*w|
+                         (c.prefill ? std::ldexp(abs_sum, c.dtype == DType::kFloat16 ? -12 : -9) : 0.0);
       const double err = std::fabs(got - ref);
       if (!(err <= tol)) {
         if (++bad <= 5) {
@@ -427,6 +444,28 @@ TEST(CudaGemm4bit, TableKernelTileShapes) {
         c.M = M, c.N = N, c.K = K, c.lda = K, c.blocksize = K == 192 ? 64 : 128, c.bias = true;
         c.dtype = (seed % 2) == 0 ? DType::kBFloat16 : DType::kFloat16;
         c.nested = (seed % 3) == 0;
+        run_case(c, seed++);
+      }
+    }
+  }
+}
+
+// The tensor-core kernel for larger M (gemm_4bit_prefill): every tile height (M up to 16, 32, 64,
+// more), M and N not multiples of the tiles, split K (few tiles) and one split (many), blocksizes from
+// 64, nested scales, both dtypes, strided A.
+TEST(CudaGemm4bit, PrefillKernel) {
+  SKIP_WITHOUT_CUDA();
+  uint64_t seed = 900;
+  for (int64_t M : {1, 17, 40, 64, 100, 300}) {
+    for (int64_t N : {136, 4104}) {
+      for (int64_t K : {256, 1088}) {
+        Case c;
+        c.prefill = true;
+        c.M = M, c.N = N, c.K = K, c.lda = (seed % 4) == 0 ? K + 8 : K, c.bias = (seed % 2) == 0;
+        c.blocksize = (seed % 3) == 0 ? 128 : (seed % 3) == 1 ? 64 : 1024;
+        c.dtype = (seed % 2) == 0 ? DType::kBFloat16 : DType::kFloat16;
+        c.nested = (seed % 5) < 2;
+        c.qtype = (seed % 7) == 0 ? QuantType::kFP4 : QuantType::kNF4;
         run_case(c, seed++);
       }
     }

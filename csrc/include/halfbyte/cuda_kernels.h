@@ -57,4 +57,24 @@ cudaError_t gemm_4bit(const void* A, DType dtype, int64_t M, int64_t K, int64_t 
                       BlockScales scales, const float* table, int64_t N, int64_t blocksize, const void* bias,
                       void* out, cudaStream_t stream);
 
+// gemm_4bit for larger M on tensor cores (gemm_4bit_prefill.cu): same contract as gemm_4bit for the
+// arguments gemm_4bit_prefill_supported accepts (16-bit A with 16-byte aligned rows, K % 64 == 0,
+// N % 8 == 0, blocksize >= 64, `packed` 16-byte aligned, nested absmax codes (nullptr when plain) 4-byte
+// aligned). gemm_4bit_prefill_plan picks the tile
+// height and the split of K for the current device; a plan with splits > 1 needs a float32 workspace
+// of workspace_floats elements on the same stream.
+struct PrefillPlan {
+  int rows_per_block = 0;    // rows of A per thread block: 16, 32, 64 or 128
+  int splits = 1;            // thread blocks along K; their float32 partial sums are added in order
+  int stages_per_split = 0;  // 64-element steps of K per split
+  int64_t workspace_floats = 0;
+};
+bool gemm_4bit_prefill_supported(DType dtype, int64_t M, int64_t N, int64_t K, int64_t lda, const void* A,
+                                 const uint8_t* packed, int64_t blocksize, const uint8_t* absmax_codes);
+cudaError_t gemm_4bit_prefill_plan(int64_t M, int64_t N, int64_t K, PrefillPlan* plan);
+cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda, const uint8_t* packed,
+                              BlockScales scales, const float* table, int64_t N, int64_t blocksize,
+                              const void* bias, void* out, const PrefillPlan& plan, float* workspace,
+                              cudaStream_t stream);
+
 }  // namespace halfbyte::cuda

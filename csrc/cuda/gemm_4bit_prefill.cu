@@ -1,0 +1,564 @@
+// gemm_4bit for batches above the decode sizes (prefill, batched serving): out[m, j] = sum_k A[m, k] *
+// W[j, k] (+ bias[j]), W the [N, K] 4-bit weight, dequantized in registers and fed to tensor cores
+// (mma.sync m16n8k16, sm_80 and newer), accumulated in float32.
+//
+// Layout read: W exactly as quantize_4bit writes it (row-major codes, two per byte, first element in
+// the high nibble; one scale per block of `blocksize` consecutive elements of the flat N*K array, plain
+// float32 or double-quantized, read directly). No repacked copy of the weight exists.
+//
+// Algorithm. The product is computed transposed, out^T = W A^T: W is the 16x16 "A" operand of the MMA
+// (rows of W = MMA rows), the activations the 16x8 "B" operand (rows of A = MMA columns), so a warp's
+// weight registers are reused across all its activation rows. A block owns kBN = 128 rows of W and kBM
+// rows of A (16, 32, 64 or 128); 8 warps, 4 along W (32 rows, two 16-row MMA tiles each) by 2 along A
+// (kBM / 2 rows, kBM / 16 eight-row MMA tiles each); grid x over W, y over A, z over splits of K (when
+// there are fewer tiles than two per SM). K advances in stages of 64 through a 4-deep cp.async pipeline
+// in shared memory (per stage: 128 rows x 32 bytes of codes, their scales, kBM rows x 128 bytes of A,
+// the A rows' 16-byte chunks XOR-swizzled by row so the fragment loads are conflict-free).
+// K order inside a stage is permuted, identically for W and A, so that every fragment is one wide
+// shared-memory load: lane (g = lane / 4, q = lane % 4) reads bytes [8q, 8q + 8) of its W rows (codes
+// 16q .. 16q + 15) and elements [16q, 16q + 16) of its A rows; MMA step s (0..3) uses codes
+// 16q + 4s .. 16q + 4s + 3 as its k-slots (2q, 2q + 1, 2q + 8, 2q + 9). The sum over k is the same.
+// A code becomes bf16/fp16 as round(level * scale) with the product in float32, the same value
+// dequantize_4bit writes, so the result is that of dequantize + matmul up to the order of the float32
+// sums. Levels come by warp shuffle (lane L holds table[L % 16]). Block scales travel with the stage
+// through the cp.async pipeline (4 bytes per row: the float32 absmax, or the word holding the 8-bit code
+// plus the nested absmax), so no load waits on DRAM inside the loop.
+// Epilogue: the accumulators go through shared memory (float32) and leave as 16-byte row stores:
+// bias added, rounded to A's dtype (one split), or as float32 partial sums (split K: grid z splits
+// the stages; gemm_4bit_reduce_kernel adds the splits in order, so results are deterministic).
+//
+// Limits: float16/bfloat16 A with 16-byte aligned rows, K % 64 == 0, blocksize >= 64 (a stage's 64
+// codes of a row then share one scale), `packed` 16-byte aligned, N % 8 == 0, nested absmax codes
+// 4-byte aligned, M <= 65535 * 128; the caller (cuda_ops.cpp) sends other shapes elsewhere. 64-bit
+// element indices.
+//
+// Bottleneck (measured with ncu on the H100, 14336 x 4096): not DRAM (7-14% of peak) and not the
+// tensor pipe (35%), but the shared-memory/L1 pipe (72%, from 2 shuffles per code and the activation
+// fragment loads; each code is dequantized by both warps that share its rows) together with latency at
+// 16 warps per SM (issue slots 41-51% busy, IPC about 2). So it wins over dequantize + cuBLAS only while
+// the weight stream dominates (M <= 32-64, see cuda_ops.cpp): 14336 x 4096 at M = 64 in 63 us against
+// 99 us, but 1.1 ms at M = 2048 where cuBLAS' wgmma takes 0.36 ms. A variant that looked each code up in
+// per-row tables of round(level * scale) with byte permutes (no shuffles) moved the load to the ALU and
+// was slower (notes in benchmarks/notes_gemm_4bit_prefill.md). Reaching bf16 speed at M >= 256 needs a
+// wgmma (sm_90) kernel with the dequantized weight as its register operand.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "halfbyte/cuda_kernels.h"
+
+namespace halfbyte::cuda {
+namespace {
+
+constexpr int kF16 = static_cast<int>(DType::kFloat16);
+constexpr int kBF16 = static_cast<int>(DType::kBFloat16);
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kThreads = 256;
+constexpr int kWarpsN = 4;  // warps along the rows of W
+constexpr int kWarpsM = 2;  // warps along the rows of A
+constexpr int kBN = 128;    // rows of W per block
+constexpr int kBK = 64;     // elements of K per pipeline stage
+constexpr int kMaxDevices = 64;
+
+template <int kBM>
+struct Tile {
+  static constexpr int kWarpRowsA = kBM / kWarpsM;  // rows of A per warp
+  static constexpr int kNT = kWarpRowsA / 8;        // 8-row MMA tiles of A per warp
+  static constexpr int kABytes = kBM * kBK * 2;     // A per stage
+  static constexpr int kWBytes = kBN * kBK / 2;     // codes per stage
+  static constexpr int kScaleBytes = kBN * 8;       // per row: float32 absmax, or code word + nested absmax
+  static constexpr int kStageBytes = kABytes + kWBytes + kScaleBytes;
+  static constexpr int kStages = 4;  // cp.async slots (two blocks per SM fit)
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kEpiStride = kBN + 4;  // floats per staged output row (conflict-free writes)
+  static constexpr int kEpiBytes = kBM * kEpiStride * 4;
+  static constexpr int kSmem = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;
+  static_assert(kNT >= 1, "at least one 8-row tile of A per warp");
+};
+
+struct PrefillArgs {
+  const void* A;
+  int64_t lda;  // elements
+  int M;
+  int64_t K;
+  int64_t N;
+  const uint8_t* packed;
+  BlockScales scales;
+  const float* table;
+  int log2_blocksize;
+  int64_t blocks;    // scale blocks of W
+  const void* bias;  // nullptr or N elements of A's dtype
+  void* out;         // [M, N], A's dtype
+  float* partial;    // split K: [splits, M, N] float32
+  int stages_per_split;
+};
+
+// ---- small pieces ---------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy, zero-filled when !valid (src must still be a mapped address).
+__device__ __forceinline__ void copy_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;"); }
+template <int kPending>
+__device__ __forceinline__ void copy_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+}
+
+template <int kDType>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kDType == kBF16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// {first in the low half, second in the high half}, each rounded to nearest even in A's dtype.
+template <int kDType>
+__device__ __forceinline__ uint32_t pack2(float first, float second) {
+  uint32_t r;
+  if constexpr (kDType == kBF16) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+  }
+  return r;
+}
+
+// The two codes of byte `p` (0..3) of `word`, dequantized: {level(high nibble) * scale in the low
+// half, level(low nibble) * scale in the high half}. Lane L holds table[L % 16]; shfl reads the low 5
+// bits of its lane operand, so the shifted word is the whole index computation.
+template <int kDType>
+__device__ __forceinline__ uint32_t dequantize_byte(float table_lane, uint32_t word, int p, float scale) {
+  const float first = __shfl_sync(kFullMask, table_lane, static_cast<int>(word >> (8 * p + 4)));
+  const float second = __shfl_sync(kFullMask, table_lane, static_cast<int>(word >> (8 * p)));
+  return pack2<kDType>(multiply_like_cuda(first, scale), multiply_like_cuda(second, scale));
+}
+
+// 4-byte global -> shared copy of src_bytes (0..4) bytes, the rest zero-filled.
+__device__ __forceinline__ void copy_4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+template <int kDType>
+__device__ __forceinline__ uint4 to_dtype8(const float (&v)[8]) {
+  return make_uint4(pack2<kDType>(v[0], v[1]), pack2<kDType>(v[2], v[3]), pack2<kDType>(v[4], v[5]),
+                    pack2<kDType>(v[6], v[7]));
+}
+
+template <int kDType>
+__device__ __forceinline__ float elem_value(const void* p, int64_t i) {
+  const unsigned short raw = static_cast<const unsigned short*>(p)[i];
+  if constexpr (kDType == kBF16) {
+    return __uint_as_float(static_cast<uint32_t>(raw) << 16);
+  } else {
+    return __half2float(__ushort_as_half(raw));
+  }
+}
+
+// ---- the kernel -----------------------------------------------------------------------------------
+
+// Issues the copies of stage `kt` (64 elements of K) into shared-memory slot `slot`: the codes, A, and
+// the block scale of each of the 128 rows (a stage's 64 codes of a row share one block).
+template <int kBM, bool kNested>
+__device__ __forceinline__ void load_stage(const PrefillArgs& args, uint8_t* smem, int slot, int64_t kt,
+                                           int64_t n0, int m0) {
+  using T = Tile<kBM>;
+  uint8_t* a_tile = smem + slot * T::kStageBytes;
+  uint8_t* w_tile = a_tile + T::kABytes;
+  uint8_t* scale_tile = w_tile + T::kWBytes;
+  const int tid = static_cast<int>(threadIdx.x);
+  // Codes: 128 rows x 2 chunks of 16 bytes, one per thread.
+  {
+    const int row = tid >> 1;
+    const int half = tid & 1;
+    const int64_t j = n0 + row;
+    const bool valid = j < args.N;
+    const uint8_t* src = valid ? args.packed + ((j * args.K + kt * kBK) >> 1) + half * 16 : args.packed;
+    copy_16(smem_address(w_tile + row * 32 + half * 16), src, valid);
+  }
+  // Scales: thread r < 128 the plain absmax (or the 4-byte word holding the 8-bit code) of row r,
+  // thread 128 + r the nested absmax of row r. Rows past N copy row N - 1's (their output is dropped).
+  {
+    const int row = tid & (kBN - 1);
+    int64_t j = n0 + row;
+    if (j >= args.N) j = args.N - 1;
+    const int64_t b = (j * args.K + kt * kBK) >> args.log2_blocksize;
+    if constexpr (!kNested) {
+      if (tid < kBN) copy_4(smem_address(scale_tile + row * 4), args.scales.absmax + b, 4);
+    } else {
+      if (tid < kBN) {
+        const int64_t word = b & ~int64_t{3};
+        const int64_t left = args.blocks - word;
+        copy_4(smem_address(scale_tile + row * 4), args.scales.absmax_codes + word, left < 4 ? static_cast<int>(left) : 4);
+      } else {
+        copy_4(smem_address(scale_tile + kBN * 4 + row * 4), args.scales.nested_absmax + (b >> 8), 4);
+      }
+    }
+  }
+  // A: kBM rows x 8 chunks of 16 bytes; chunk c of row r lands at chunk c ^ (r & 7).
+  const unsigned short* a = static_cast<const unsigned short*>(args.A);
+#pragma unroll
+  for (int c = tid; c < kBM * 8; c += kThreads) {
+    const int row = c >> 3;
+    const int chunk = c & 7;
+    const bool valid = m0 + row < args.M;
+    const unsigned short* src = valid ? a + (m0 + row) * args.lda + kt * kBK + chunk * 8 : a;
+    copy_16(smem_address(a_tile + row * 128 + ((chunk ^ (row & 7)) << 4)), src, valid);
+  }
+}
+
+// The scale of local row `row` in a stage's scale tile.
+template <bool kNested>
+__device__ __forceinline__ float stage_scale(const PrefillArgs& args, const uint8_t* scale_tile, int row,
+                                             int64_t j, int64_t kt) {
+  if constexpr (!kNested) {
+    return reinterpret_cast<const float*>(scale_tile)[row];
+  } else {
+    const int64_t b = (j * args.K + kt * kBK) >> args.log2_blocksize;
+    const uint32_t word = reinterpret_cast<const uint32_t*>(scale_tile)[row];
+    const uint32_t code = (word >> (8 * static_cast<int>(b & 3))) & 0xffu;
+    const float nested_absmax = reinterpret_cast<const float*>(scale_tile + kBN * 4)[row];
+    return __fadd_rn(multiply_like_cuda(__ldg(args.scales.nested_code + code), nested_absmax),
+                     __ldg(args.scales.offset));
+  }
+}
+
+template <int kDType, int kBM, bool kNested>
+__global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const PrefillArgs args) {
+  using T = Tile<kBM>;
+  constexpr int kNT = T::kNT;
+  constexpr int kStages = T::kStages;
+  extern __shared__ __align__(16) uint8_t smem[];
+
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  const int warp_n = warp % kWarpsN;
+  const int warp_m = warp / kWarpsN;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int m0 = static_cast<int>(blockIdx.y) * kBM;
+  const int64_t k_stages = args.K / kBK;
+  const int64_t kt_begin = static_cast<int64_t>(blockIdx.z) * args.stages_per_split;
+  int64_t kt_end = kt_begin + args.stages_per_split;
+  if (kt_end > k_stages) kt_end = k_stages;
+  const int count = kt_begin < kt_end ? static_cast<int>(kt_end - kt_begin) : 0;
+
+  const float table_lane = __ldg(args.table + (lane & 15));
+
+  // The four rows of W this lane dequantizes: tile t (0, 1), half h (row g or g + 8); local and global.
+  int local_row[2][2];
+  int64_t w_row[2][2];
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      local_row[t][h] = warp_n * 32 + t * 16 + g + 8 * h;
+      const int64_t j = n0 + local_row[t][h];
+      w_row[t][h] = j < args.N ? j : args.N - 1;  // as load_stage clamps it
+    }
+  }
+
+  float acc[2][kNT][4];
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[t][j][i] = 0.0f;
+    }
+  }
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < count) load_stage<kBM, kNested>(args, smem, s, kt_begin + s, n0, m0);
+    copy_commit();
+  }
+
+  for (int it = 0; it < count; ++it) {
+    copy_wait<kStages - 2>();
+    __syncthreads();
+    {
+      const int ahead = it + kStages - 1;
+      if (ahead < count) load_stage<kBM, kNested>(args, smem, ahead % kStages, kt_begin + ahead, n0, m0);
+      copy_commit();
+    }
+    const uint8_t* a_tile = smem + (it % kStages) * T::kStageBytes;
+    const uint8_t* w_tile = a_tile + T::kABytes;
+    float scale[2][2];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        scale[t][h] = stage_scale<kNested>(args, w_tile + T::kWBytes, local_row[t][h], w_row[t][h], kt_begin + it);
+      }
+    }
+    // This lane's 8 code bytes of each of its four rows.
+    uint2 codes[2][2];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        codes[t][h] = *reinterpret_cast<const uint2*>(w_tile + local_row[t][h] * 32 + q * 8);
+      }
+    }
+    // Two halves: chunk 2q + half of each A row holds the elements of steps 2 * half and 2 * half + 1,
+    // which use code bytes 4 * half + {0, 1} and 4 * half + {2, 3} of the lane's 8 (word `half`).
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      uint32_t w[2][2][4];  // [step][tile][register]
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          const uint32_t row_lo = half == 0 ? codes[t][0].x : codes[t][0].y;
+          const uint32_t row_hi = half == 0 ? codes[t][1].x : codes[t][1].y;
+          w[step][t][0] = dequantize_byte<kDType>(table_lane, row_lo, 2 * step, scale[t][0]);
+          w[step][t][1] = dequantize_byte<kDType>(table_lane, row_hi, 2 * step, scale[t][1]);
+          w[step][t][2] = dequantize_byte<kDType>(table_lane, row_lo, 2 * step + 1, scale[t][0]);
+          w[step][t][3] = dequantize_byte<kDType>(table_lane, row_hi, 2 * step + 1, scale[t][1]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const int row = warp_m * T::kWarpRowsA + j * 8 + g;
+        const uint4 act = *reinterpret_cast<const uint4*>(a_tile + row * 128 + (((2 * q + half) ^ g) << 4));
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          mma_16816<kDType>(acc[t][j], w[0][t], act.x, act.y);
+          mma_16816<kDType>(acc[t][j], w[1][t], act.z, act.w);
+        }
+      }
+    }
+  }
+  copy_wait<0>();
+  __syncthreads();  // the pipeline's shared memory becomes the output staging area
+
+  // acc[t][j][i]: W row warp_n*32 + 16t + g + 8(i/2), A row warp_m*kWarpRowsA + 8j + 2q + (i%2).
+  float* staged = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n_local = warp_n * 32 + t * 16 + g + 8 * (i >> 1);
+        const int m_local = warp_m * T::kWarpRowsA + j * 8 + 2 * q + (i & 1);
+        staged[m_local * T::kEpiStride + n_local] = acc[t][j][i];
+      }
+    }
+  }
+  __syncthreads();
+
+  const bool split = gridDim.z > 1;
+  for (int idx = static_cast<int>(threadIdx.x); idx < kBM * (kBN / 8); idx += kThreads) {
+    const int m_local = idx / (kBN / 8);
+    const int c = idx % (kBN / 8);
+    const int m = m0 + m_local;
+    const int64_t n = n0 + c * 8;
+    if (m >= args.M || n >= args.N) continue;  // N % 8 == 0: a run of 8 is inside or outside
+    const float4 v0 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8);
+    const float4 v1 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8 + 4);
+    if (split) {
+      float4* dst = reinterpret_cast<float4*>(args.partial + (static_cast<int64_t>(blockIdx.z) * args.M + m) * args.N + n);
+      dst[0] = v0;
+      dst[1] = v1;
+    } else {
+      float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+      if (args.bias != nullptr) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] += elem_value<kDType>(args.bias, n + e);
+      }
+      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(args.out) + static_cast<int64_t>(m) * args.N + n) =
+          to_dtype8<kDType>(v);
+    }
+  }
+}
+
+// out[m, n] = sum over splits (in order) of partial[s, m, n] (+ bias[n]), rounded to A's dtype; 8 per thread.
+template <int kDType>
+__global__ void __launch_bounds__(256) gemm_4bit_reduce_kernel(const float* partial, int splits, int64_t M,
+                                                               int64_t N, const void* bias, void* out) {
+  const int64_t runs = M * N / 8;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < runs;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = r * 8;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int s = 0; s < splits; ++s) {
+      const float4* p = reinterpret_cast<const float4*>(partial + s * M * N + e);
+      const float4 a = p[0];
+      const float4 b = p[1];
+      v[0] += a.x, v[1] += a.y, v[2] += a.z, v[3] += a.w, v[4] += b.x, v[5] += b.y, v[6] += b.z, v[7] += b.w;
+    }
+    if (bias != nullptr) {
+      const int64_t n = e % N;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] += elem_value<kDType>(bias, n + i);
+    }
+    *reinterpret_cast<uint4*>(static_cast<unsigned short*>(out) + e) = to_dtype8<kDType>(v);
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------------
+
+cudaError_t sm_count(int& count) {
+  static std::atomic<int> known[kMaxDevices];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  int value = known[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    err = cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    known[device].store(value, std::memory_order_relaxed);
+  }
+  count = value;
+  return cudaSuccess;
+}
+
+int log2_exact(int64_t x) {
+  int r = 0;
+  while ((int64_t{1} << r) < x) ++r;
+  return r;
+}
+
+template <int kDType, int kBM, bool kNested>
+cudaError_t launch_prefill(const PrefillArgs& args, dim3 grid, cudaStream_t stream) {
+  constexpr int kSmem = Tile<kBM>::kSmem;
+  auto kernel = gemm_4bit_prefill_kernel<kDType, kBM, kNested>;
+  static std::atomic<bool> configured[kMaxDevices];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  if (!configured[device].load(std::memory_order_relaxed)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    configured[device].store(true, std::memory_order_relaxed);
+  }
+  kernel<<<grid, kThreads, kSmem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <int kDType, int kBM>
+cudaError_t launch_prefill(const PrefillArgs& args, bool nested, dim3 grid, cudaStream_t stream) {
+  return nested ? launch_prefill<kDType, kBM, true>(args, grid, stream)
+                : launch_prefill<kDType, kBM, false>(args, grid, stream);
+}
+
+template <int kDType>
+cudaError_t launch_prefill(const PrefillArgs& args, int bm, bool nested, dim3 grid, cudaStream_t stream) {
+  switch (bm) {
+    case 16:
+      return launch_prefill<kDType, 16>(args, nested, grid, stream);
+    case 32:
+      return launch_prefill<kDType, 32>(args, nested, grid, stream);
+    case 64:
+      return launch_prefill<kDType, 64>(args, nested, grid, stream);
+    case 128:
+      return launch_prefill<kDType, 128>(args, nested, grid, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+bool gemm_4bit_prefill_supported(DType dtype, int64_t M, int64_t N, int64_t K, int64_t lda, const void* A,
+                                 const uint8_t* packed, int64_t blocksize, const uint8_t* absmax_codes) {
+  return reinterpret_cast<uintptr_t>(absmax_codes) % 4 == 0 && dtype != DType::kFloat32 && M > 0 && M <= int64_t{65535} * 128 && N > 0 && N % 8 == 0 && K > 0 &&
+         K % kBK == 0 && blocksize >= 64 && is_valid_blocksize(blocksize) && lda >= K && (lda * 2) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(packed) % 16 == 0;
+}
+
+cudaError_t gemm_4bit_prefill_plan(int64_t M, int64_t N, int64_t K, PrefillPlan* plan) {
+  if (plan == nullptr || M <= 0 || N <= 0 || K <= 0 || K % kBK != 0) return cudaErrorInvalidValue;
+  int sms = 0;
+  const cudaError_t err = sm_count(sms);
+  if (err != cudaSuccess) return err;
+  plan->rows_per_block = M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 128;
+  const int64_t tiles = ((N + kBN - 1) / kBN) * ((M + plan->rows_per_block - 1) / plan->rows_per_block);
+  const int64_t k_stages = K / kBK;
+  // Split K until about two blocks per SM are busy, keeping at least 4 stages per split.
+  const int64_t want = 2 * static_cast<int64_t>(sms);
+  int64_t splits = tiles >= want ? 1 : (want + tiles - 1) / tiles;
+  const int64_t max_splits = k_stages / 4 > 1 ? k_stages / 4 : 1;
+  if (splits > max_splits) splits = max_splits;
+  if (splits > 32) splits = 32;
+  const int64_t per = (k_stages + splits - 1) / splits;
+  plan->stages_per_split = static_cast<int>(per);
+  plan->splits = static_cast<int>((k_stages + per - 1) / per);
+  plan->workspace_floats = plan->splits > 1 ? plan->splits * M * N : 0;
+  return cudaSuccess;
+}
+
+cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda, const uint8_t* packed,
+                              BlockScales scales, const float* table, int64_t N, int64_t blocksize,
+                              const void* bias, void* out, const PrefillPlan& plan, float* workspace,
+                              cudaStream_t stream) {
+  if (!gemm_4bit_prefill_supported(dtype, M, N, K, lda, A, packed, blocksize, scales.absmax_codes) || out == nullptr ||
+      table == nullptr || plan.splits < 1 || plan.stages_per_split < 1 ||
+      (plan.splits > 1 && workspace == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const bool nested = scales.absmax == nullptr;
+  if (nested && (scales.absmax_codes == nullptr || scales.nested_absmax == nullptr ||
+                 scales.nested_code == nullptr || scales.offset == nullptr ||
+                 reinterpret_cast<uintptr_t>(scales.absmax_codes) % 4 != 0)) {
+    return cudaErrorInvalidValue;
+  }
+  PrefillArgs args;
+  args.A = A;
+  args.lda = lda;
+  args.M = static_cast<int>(M);
+  args.K = K;
+  args.N = N;
+  args.packed = packed;
+  args.scales = scales;
+  args.table = table;
+  args.log2_blocksize = log2_exact(blocksize);
+  args.blocks = (N * K + blocksize - 1) / blocksize;
+  args.bias = bias;
+  args.out = out;
+  args.partial = workspace;
+  args.stages_per_split = plan.stages_per_split;
+  const int64_t m_tiles = (M + plan.rows_per_block - 1) / plan.rows_per_block;
+  if (m_tiles > 65535 || plan.splits > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((N + kBN - 1) / kBN), static_cast<unsigned>(m_tiles),
+                  static_cast<unsigned>(plan.splits));
+  cudaError_t err = dtype == DType::kBFloat16
+                        ? launch_prefill<kBF16>(args, plan.rows_per_block, nested, grid, stream)
+                        : launch_prefill<kF16>(args, plan.rows_per_block, nested, grid, stream);
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  const int64_t runs = M * N / 8;
+  int64_t blocks = (runs + 255) / 256;
+  if (blocks > 4096) blocks = 4096;
+  if (dtype == DType::kBFloat16) {
+    gemm_4bit_reduce_kernel<kBF16><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(workspace, plan.splits, M, N,
+                                                                                      bias, out);
+  } else {
+    gemm_4bit_reduce_kernel<kF16><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(workspace, plan.splits, M, N,
+                                                                                     bias, out);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace halfbyte::cuda
