@@ -80,7 +80,7 @@ if [ "$tests" = 1 ]; then
 CudaBlockwise4bit.MisalignedPointersTakeTheGuardedPath:CudaBlockwise4bit.EmptyAndInvalidArguments:\
 CudaBlockwise8bit.SpecialValuesAndEvery16BitPattern:CudaBlockwise8bit.MisalignedPointersTakeTheGuardedPath:\
 CudaGemm4bit.SmallAndOddShapes:CudaGemm4bit.EmptyK:CudaGemm4bit.UnalignedPackedWeights:\
-CudaGemm4bit.StridedAndUnalignedA:CudaGemm4bit.BlocksizesAndOddK:\
+CudaGemm4bit.StridedAndUnalignedA:CudaGemm4bit.BlocksizesAndOddK:CudaGemm4bit.PrefillKernel:\
 CudaBlockwise4bit.NestedScalesMatchTheCpuWithHostComputedScales:CudaInt8.*"
   step memcheck sanitizer_memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
     "$gtest_build/halfbyte_core_tests" --gtest_filter="$sanitize_filter" --gtest_brief=1

@@ -22,7 +22,8 @@
 // dequantize_4bit writes, so the result is that of dequantize + matmul up to the order of the float32
 // sums. Levels come by warp shuffle (lane L holds table[L % 16]). Block scales travel with the stage
 // through the cp.async pipeline (4 bytes per row: the float32 absmax, or the word holding the 8-bit code
-// plus the nested absmax), so no load waits on DRAM inside the loop.
+// plus the nested absmax; the array's last partial word by byte loads), so no load waits on DRAM inside
+// the loop.
 // Epilogue: the accumulators go through shared memory (float32) and leave as 16-byte row stores:
 // bias added, rounded to A's dtype (one split), or as float32 partial sums (split K: grid z splits
 // the stages; gemm_4bit_reduce_kernel adds the splits in order, so results are deterministic).
@@ -152,7 +153,7 @@ __device__ __forceinline__ uint32_t dequantize_byte(float table_lane, uint32_t w
   return pack2<kDType>(multiply_like_cuda(first, scale), multiply_like_cuda(second, scale));
 }
 
-// 4-byte global -> shared copy of src_bytes (0..4) bytes, the rest zero-filled.
+// 4-byte global -> shared copy.
 __device__ __forceinline__ void copy_4(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
@@ -207,7 +208,14 @@ __device__ __forceinline__ void load_stage(const PrefillArgs& args, uint8_t* sme
       if (tid < kBN) {
         const int64_t word = b & ~int64_t{3};
         const int64_t left = args.blocks - word;
-        copy_4(smem_address(scale_tile + row * 4), args.scales.absmax_codes + word, left < 4 ? static_cast<int>(left) : 4);
+        if (left >= 4) {
+          copy_4(smem_address(scale_tile + row * 4), args.scales.absmax_codes + word, 4);
+        } else {  // the array's last, partial word: byte loads (a 4-byte copy would read past its end)
+          uint32_t value = 0;
+          for (int i = 0; i < left; ++i)
+            value |= static_cast<uint32_t>(__ldg(args.scales.absmax_codes + word + i)) << (8 * i);
+          *reinterpret_cast<uint32_t*>(scale_tile + row * 4) = value;
+        }
       } else {
         copy_4(smem_address(scale_tile + kBN * 4 + row * 4), args.scales.nested_absmax + (b >> 8), 4);
       }
@@ -308,7 +316,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const Pr
     for (int t = 0; t < 2; ++t) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        scale[t][h] = stage_scale<kNested>(args, w_tile + T::kWBytes, local_row[t][h], w_row[t][h], kt_begin + it);
+        scale[t][h] =
+            stage_scale<kNested>(args, w_tile + T::kWBytes, local_row[t][h], w_row[t][h], kt_begin + it);
       }
     }
     // This lane's 8 code bytes of each of its four rows.
@@ -378,7 +387,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const Pr
     const float4 v0 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8);
     const float4 v1 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8 + 4);
     if (split) {
-      float4* dst = reinterpret_cast<float4*>(args.partial + (static_cast<int64_t>(blockIdx.z) * args.M + m) * args.N + n);
+      float4* dst = reinterpret_cast<float4*>(args.partial +
+                                              (static_cast<int64_t>(blockIdx.z) * args.M + m) * args.N + n);
       dst[0] = v0;
       dst[1] = v1;
     } else {
@@ -387,8 +397,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const Pr
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] += elem_value<kDType>(args.bias, n + e);
       }
-      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(args.out) + static_cast<int64_t>(m) * args.N + n) =
-          to_dtype8<kDType>(v);
+      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(args.out) + static_cast<int64_t>(m) * args.N +
+                                n) = to_dtype8<kDType>(v);
     }
   }
 }
@@ -484,8 +494,9 @@ cudaError_t launch_prefill(const PrefillArgs& args, int bm, bool nested, dim3 gr
 
 bool gemm_4bit_prefill_supported(DType dtype, int64_t M, int64_t N, int64_t K, int64_t lda, const void* A,
                                  const uint8_t* packed, int64_t blocksize, const uint8_t* absmax_codes) {
-  return reinterpret_cast<uintptr_t>(absmax_codes) % 4 == 0 && dtype != DType::kFloat32 && M > 0 && M <= int64_t{65535} * 128 && N > 0 && N % 8 == 0 && K > 0 &&
-         K % kBK == 0 && blocksize >= 64 && is_valid_blocksize(blocksize) && lda >= K && (lda * 2) % 16 == 0 &&
+  return reinterpret_cast<uintptr_t>(absmax_codes) % 4 == 0 && dtype != DType::kFloat32 && M > 0 &&
+         M <= int64_t{65535} * 128 && N > 0 && N % 8 == 0 && K > 0 && K % kBK == 0 && blocksize >= 64 &&
+         is_valid_blocksize(blocksize) && lda >= K && (lda * 2) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(packed) % 16 == 0;
 }
 
@@ -510,19 +521,19 @@ cudaError_t gemm_4bit_prefill_plan(int64_t M, int64_t N, int64_t K, PrefillPlan*
   return cudaSuccess;
 }
 
-cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda, const uint8_t* packed,
-                              BlockScales scales, const float* table, int64_t N, int64_t blocksize,
-                              const void* bias, void* out, const PrefillPlan& plan, float* workspace,
-                              cudaStream_t stream) {
-  if (!gemm_4bit_prefill_supported(dtype, M, N, K, lda, A, packed, blocksize, scales.absmax_codes) || out == nullptr ||
-      table == nullptr || plan.splits < 1 || plan.stages_per_split < 1 ||
+cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda,
+                              const uint8_t* packed, BlockScales scales, const float* table, int64_t N,
+                              int64_t blocksize, const void* bias, void* out, const PrefillPlan& plan,
+                              float* workspace, cudaStream_t stream) {
+  if (!gemm_4bit_prefill_supported(dtype, M, N, K, lda, A, packed, blocksize, scales.absmax_codes) ||
+      out == nullptr || table == nullptr || plan.splits < 1 || plan.stages_per_split < 1 ||
       (plan.splits > 1 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
   const bool nested = scales.absmax == nullptr;
-  if (nested && (scales.absmax_codes == nullptr || scales.nested_absmax == nullptr ||
-                 scales.nested_code == nullptr || scales.offset == nullptr ||
-                 reinterpret_cast<uintptr_t>(scales.absmax_codes) % 4 != 0)) {
+  if (nested &&
+      (scales.absmax_codes == nullptr || scales.nested_absmax == nullptr || scales.nested_code == nullptr ||
+       scales.offset == nullptr || reinterpret_cast<uintptr_t>(scales.absmax_codes) % 4 != 0)) {
     return cudaErrorInvalidValue;
   }
   PrefillArgs args;
@@ -552,11 +563,11 @@ cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, 
   int64_t blocks = (runs + 255) / 256;
   if (blocks > 4096) blocks = 4096;
   if (dtype == DType::kBFloat16) {
-    gemm_4bit_reduce_kernel<kBF16><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(workspace, plan.splits, M, N,
-                                                                                      bias, out);
+    gemm_4bit_reduce_kernel<kBF16>
+        <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(workspace, plan.splits, M, N, bias, out);
   } else {
-    gemm_4bit_reduce_kernel<kF16><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(workspace, plan.splits, M, N,
-                                                                                     bias, out);
+    gemm_4bit_reduce_kernel<kF16>
+        <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(workspace, plan.splits, M, N, bias, out);
   }
   return cudaGetLastError();
 }

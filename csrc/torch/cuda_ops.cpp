@@ -29,7 +29,6 @@ namespace {
 
 constexpr int64_t kDecodeMaxRows = 16;
 
-
 void check_cuda(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess,
               message(op, ": CUDA kernel launch failed: ", cudaGetErrorString(status)));
@@ -150,20 +149,22 @@ void dequantize_blockwise_out_cuda(const at::Tensor& A, const at::Tensor& absmax
 enum class GemmKernel { kDecode, kPrefill, kDequantize };
 
 // The path for a validated plan; a forced path that cannot run these arguments falls back to the rule.
-GemmKernel choose_gemm_kernel(const GemmPlan& p, int64_t blocksize, const c10::optional<at::Tensor>& absmax_8bit) {
+GemmKernel choose_gemm_kernel(const GemmPlan& p, int64_t blocksize,
+                              const c10::optional<at::Tensor>& absmax_8bit) {
   const at::ScalarType dtype = p.A2.scalar_type();
   const bool prefill_ok =
-      dtype != at::kFloat && cuda::gemm_4bit_prefill_supported(to_dtype(dtype), p.M, p.N, p.K,
-                                                               p.M > 1 ? p.A2.stride(0) : p.K,
-                                                               p.A2.const_data_ptr(), bytes_of(p.B), blocksize,
-                                                               absmax_8bit.has_value() ? bytes_of(*absmax_8bit) : nullptr);
+      dtype != at::kFloat &&
+      cuda::gemm_4bit_prefill_supported(to_dtype(dtype), p.M, p.N, p.K, p.M > 1 ? p.A2.stride(0) : p.K,
+                                        p.A2.const_data_ptr(), bytes_of(p.B), blocksize,
+                                        absmax_8bit.has_value() ? bytes_of(*absmax_8bit) : nullptr);
   if (const char* forced = std::getenv("HALFBYTE_GEMM_4BIT_KERNEL")) {
     if (std::strcmp(forced, "decode") == 0) return GemmKernel::kDecode;
     if (std::strcmp(forced, "dequantize") == 0) return GemmKernel::kDequantize;
     if (std::strcmp(forced, "prefill") == 0 && prefill_ok) return GemmKernel::kPrefill;
   }
   if (p.M <= kDecodeMaxRows) return GemmKernel::kDecode;
-  if (prefill_ok && (p.M <= 32 || (p.M <= 64 && p.N * p.K >= (int64_t{1} << 25)))) return GemmKernel::kPrefill;
+  if (prefill_ok && (p.M <= 32 || (p.M <= 64 && p.N * p.K >= (int64_t{1} << 25))))
+    return GemmKernel::kPrefill;
   return GemmKernel::kDequantize;
 }
 

@@ -241,20 +241,22 @@ void run_case(const Case& c, uint64_t seed) {
 
   const void* a_ptr = d_a.get<uint8_t>() + c.a_offset * esize;
   if (c.prefill) {
-    ASSERT_TRUE(cuda::gemm_4bit_prefill_supported(c.dtype, c.M, c.N, c.K, c.lda, a_ptr, dw.packed_ptr, c.blocksize,
-                                                 dw.scales.absmax_codes));
+    ASSERT_TRUE(cuda::gemm_4bit_prefill_supported(c.dtype, c.M, c.N, c.K, c.lda, a_ptr, dw.packed_ptr,
+                                                  c.blocksize, dw.scales.absmax_codes));
     cuda::PrefillPlan plan;
     ASSERT_EQ(cuda::gemm_4bit_prefill_plan(c.M, c.N, c.K, &plan), cudaSuccess);
     DeviceBuffer workspace(plan.workspace_floats * 4);
     ASSERT_TRUE(workspace.ok());
-    ASSERT_EQ(cuda::gemm_4bit_prefill(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales,
-                                      dw.table.get<float>(), c.N, c.blocksize, c.bias ? d_bias.get() : nullptr,
-                                      d_out.get(), plan, workspace.get<float>(), nullptr),
-              cudaSuccess);
+    ASSERT_EQ(
+        cuda::gemm_4bit_prefill(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales,
+                                dw.table.get<float>(), c.N, c.blocksize, c.bias ? d_bias.get() : nullptr,
+                                d_out.get(), plan, workspace.get<float>(), nullptr),
+        cudaSuccess);
   } else {
-    ASSERT_EQ(cuda::gemm_4bit(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales, dw.table.get<float>(),
-                              c.N, c.blocksize, c.bias ? d_bias.get() : nullptr, d_out.get(), nullptr),
-              cudaSuccess);
+    ASSERT_EQ(
+        cuda::gemm_4bit(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales, dw.table.get<float>(), c.N,
+                        c.blocksize, c.bias ? d_bias.get() : nullptr, d_out.get(), nullptr),
+        cudaSuccess);
   }
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint8_t> out_bytes(c.M * c.N * esize);

@@ -72,9 +72,9 @@ struct PrefillPlan {
 bool gemm_4bit_prefill_supported(DType dtype, int64_t M, int64_t N, int64_t K, int64_t lda, const void* A,
                                  const uint8_t* packed, int64_t blocksize, const uint8_t* absmax_codes);
 cudaError_t gemm_4bit_prefill_plan(int64_t M, int64_t N, int64_t K, PrefillPlan* plan);
-cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda, const uint8_t* packed,
-                              BlockScales scales, const float* table, int64_t N, int64_t blocksize,
-                              const void* bias, void* out, const PrefillPlan& plan, float* workspace,
-                              cudaStream_t stream);
+cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda,
+                              const uint8_t* packed, BlockScales scales, const float* table, int64_t N,
+                              int64_t blocksize, const void* bias, void* out, const PrefillPlan& plan,
+                              float* workspace, cudaStream_t stream);
 
 }  // namespace halfbyte::cuda
