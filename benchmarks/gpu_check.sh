@@ -46,7 +46,7 @@ fi
   echo "$bnb_line"
 } > "$results/env.txt" 2>&1
 
-export HALFBYTE_CUDA=ON HALFBYTE_CUDA_ARCHS="${HALFBYTE_CUDA_ARCHS:-80-real;90-real}"
+export HALFBYTE_CUDA=ON HALFBYTE_CUDA_ARCHS="${HALFBYTE_CUDA_ARCHS:-80-real;90a-real}"
 if [ "$tests" = 1 ] || ! "$py" -c "import halfbyte" > /dev/null 2>&1; then
   step build build.log "$py" -m pip install --no-build-isolation --no-deps -v .
 fi
@@ -72,7 +72,7 @@ if [ "$tests" = 1 ]; then
 
   gtest_build="build/gpu-ctest"
   step gtest_build gtest_build.log bash -c "cmake -S . -B $gtest_build -G Ninja -DHALFBYTE_BUILD_TESTS=ON -DHALFBYTE_CUDA=ON \
-    -DHALFBYTE_CUDA_ARCHS='${HALFBYTE_GTEST_ARCHS:-90-real}' -DPython_EXECUTABLE=$(command -v "$py") \
+    -DHALFBYTE_CUDA_ARCHS='${HALFBYTE_GTEST_ARCHS:-90a-real}' -DPython_EXECUTABLE=$(command -v "$py") \
     -Dpybind11_DIR=\$($py -c 'import pybind11; print(pybind11.get_cmake_dir())') && cmake --build $gtest_build --target halfbyte_core_tests"
   step gtest gtest.log "$gtest_build/halfbyte_core_tests"
   # The small cases of the CUDA GoogleTests (the 2**31-element and random-size sweeps are too slow under the tools).

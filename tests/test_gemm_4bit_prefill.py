@@ -1,8 +1,9 @@
 """The tensor-core gemm_4bit kernel for larger batches (csrc/cuda/gemm_4bit_prefill.cu), through the op.
 
 The dispatch (cuda_ops.cpp) sends 16 < M <= 32 (64 on large weights) there for the shapes it supports;
-the environment variable HALFBYTE_GEMM_4BIT_KERNEL forces the path for any M in these tests. The kernel is
-mma.sync code for sm_80, the same instructions on the H100, so running it here is running the sm_80 path.
+the environment variable HALFBYTE_GEMM_4BIT_KERNEL forces the path for any M in these tests: "prefill" is the
+mma.sync kernel (sm_80 code; on the H100 this runs the sm_80 path), "wgmma" its sm_90a variant (where the
+device has it; elsewhere the default rule applies and the same assertions hold).
 """
 
 import os
@@ -40,7 +41,8 @@ def _weight(N, K, blocksize=64, quant_type="nf4", nested=False, seed=0):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("blocksize", [64, 128, 4096])
-def test_one_hot_rows_give_the_dequantized_weight_exactly(dtype, quant_type, nested, blocksize):
+@pytest.mark.parametrize("kernel", ["prefill", "wgmma"])
+def test_one_hot_rows_give_the_dequantized_weight_exactly(dtype, quant_type, nested, blocksize, kernel):
     # A = the first M rows of the identity: out[m, j] = W[j, m] with a single nonzero product per sum, so
     # the output is the dequantized weight, bit for bit, whatever the order of the float32 sums. This
     # checks the kernel's permuted K order, the nibble order, the block scales and the output layout.
@@ -49,7 +51,7 @@ def test_one_hot_rows_give_the_dequantized_weight_exactly(dtype, quant_type, nes
     expected = F.dequantize_4bit(packed, state).to(dtype)  # [N, K]
     for M in (17, 64, 100, 320):
         A = torch.eye(K, dtype=dtype, device="cuda")[:M]
-        with forced_kernel("prefill"):
+        with forced_kernel(kernel):
             out = halfbyte.matmul_4bit(A, packed.t(), state)
         # equal values (a -0.0 weight comes out as +0.0: the sum adds +0.0 products of the zero entries)
         assert torch.equal(out, expected[:, :M].t()), f"M={M}"
@@ -59,22 +61,24 @@ def test_one_hot_rows_give_the_dequantized_weight_exactly(dtype, quant_type, nes
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("M", [17, 33, 64, 65, 128, 129, 300, 1024])
-def test_matches_the_reference(dtype, nested, M):
+@pytest.mark.parametrize("kernel", ["prefill", "wgmma"])
+def test_matches_the_reference(dtype, nested, M, kernel):
     N, K = 1032, 1088  # N not a multiple of the 128-row tile, K of 17 stages: split and unsplit K
     packed, state = _weight(N, K, 64, "nf4", nested, seed=M)
     A = random_tensor((M, K), dtype, "cuda", seed=M)
     bias = random_tensor((N,), dtype, "cuda", seed=7)
-    with forced_kernel("prefill"):
+    with forced_kernel(kernel):
         out = halfbyte.matmul_4bit(A, packed.t(), state, bias=bias)
     assert out.shape == (M, N) and out.dtype == dtype
     assert relative_error(out.cpu(), _reference(A, packed, state, bias)) < TOLERANCE[dtype]
 
 
-def test_same_as_dequantize_then_matmul_up_to_summation_order():
+@pytest.mark.parametrize("kernel", ["prefill", "wgmma"])
+def test_same_as_dequantize_then_matmul_up_to_summation_order(kernel):
     # Both round the weight the same way; they differ by float32 summation order and the final rounding.
     packed, state = _weight(4096, 4096, 64, "nf4", True, seed=3)
     A = random_tensor((256, 4096), torch.bfloat16, "cuda", seed=4)
-    with forced_kernel("prefill"):
+    with forced_kernel(kernel):
         ours = halfbyte.matmul_4bit(A, packed.t(), state).float()
     with forced_kernel("dequantize"):
         theirs = halfbyte.matmul_4bit(A, packed.t(), state).float()
@@ -85,10 +89,11 @@ def test_same_as_dequantize_then_matmul_up_to_summation_order():
     assert ((ours - theirs).abs() <= theirs.abs() * 2**-7 + 1e-5 * terms).all()
 
 
-def test_split_k_is_deterministic():
+@pytest.mark.parametrize("kernel", ["prefill", "wgmma"])
+def test_split_k_is_deterministic(kernel):
     packed, state = _weight(1024, 4096, 64, "nf4", False, seed=5)  # 8 row tiles: K is split
     A = random_tensor((40, 4096), torch.bfloat16, "cuda", seed=6)
-    with forced_kernel("prefill"):
+    with forced_kernel(kernel):
         first = halfbyte.matmul_4bit(A, packed.t(), state)
         for _ in range(3):
             assert_same_bits(halfbyte.matmul_4bit(A, packed.t(), state), first)
@@ -128,10 +133,10 @@ def test_shapes_the_kernel_does_not_take_fall_back(N, K, blocksize, dtype):
     assert relative_error(out.cpu(), _reference(A, packed, state)) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("M", [24, 256])
-def test_cuda_graph_and_compile_equal_eager(M):
-    # M = 24 takes the kernel by the default rule; M = 256 is forced (and splits K: 32 tiles)
-    with forced_kernel("prefill" if M > 32 else "auto"):
+@pytest.mark.parametrize("M, kernel", [(24, "auto"), (256, "prefill"), (256, "wgmma")])
+def test_cuda_graph_and_compile_equal_eager(M, kernel):
+    # M = 24 takes the mma.sync kernel by the default rule; M = 256 forced (K split: 32 or 16 tiles)
+    with forced_kernel(kernel):
         _graph_and_compile_equal_eager(M)
 
 

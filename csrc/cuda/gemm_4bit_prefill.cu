@@ -33,15 +33,20 @@
 // 4-byte aligned, M <= 65535 * 128; the caller (cuda_ops.cpp) sends other shapes elsewhere. 64-bit
 // element indices.
 //
-// Bottleneck (measured with ncu on the H100, 14336 x 4096): not DRAM (7-14% of peak) and not the
-// tensor pipe (35%), but the shared-memory/L1 pipe (72%, from 2 shuffles per code and the activation
-// fragment loads; each code is dequantized by both warps that share its rows) together with latency at
-// 16 warps per SM (issue slots 41-51% busy, IPC about 2). So it wins over dequantize + cuBLAS only while
-// the weight stream dominates (M <= 32-64, see cuda_ops.cpp): 14336 x 4096 at M = 64 in 63 us against
-// 99 us, but 1.1 ms at M = 2048 where cuBLAS' wgmma takes 0.36 ms. A variant that looked each code up in
-// per-row tables of round(level * scale) with byte permutes (no shuffles) moved the load to the ALU and
-// was slower (notes in benchmarks/notes_gemm_4bit_prefill.md). Reaching bf16 speed at M >= 256 needs a
-// wgmma (sm_90) kernel with the dequantized weight as its register operand.
+// sm_90a variant (gemm_4bit_prefill_wgmma_kernel, 128 x 128 tiles, two warp groups): the same pipeline
+// and dequantize, but wgmma.mma_async m64n128k16 with the weight fragment from registers and A read by
+// the tensor cores from the swizzled stage tile through a descriptor; the next stage is dequantized
+// while a stage's wgmma run. Built when HALFBYTE_CUDA_ARCHS has 90a, run on compute capability 9.0.
+//
+// Bottleneck (ncu on the H100, 14336 x 4096): not DRAM (7-14% of peak); the mma.sync kernel keeps the
+// shared-memory/L1 pipe 72% busy (2 shuffles per code, the activation fragment loads, each code
+// dequantized by both warps sharing its rows) with issue slots 41-51% busy at 16 warps per SM; the wgmma
+// kernel removes the fragment loads and the duplicate dequantize but still issues at 49% with the tensor
+// pipe 32% busy. So these kernels beat dequantize + cuBLAS only while the weight stream dominates
+// (M <= 128 on large weights, see cuda_ops.cpp): 14336 x 4096 at M = 64 65 us and at M = 128 79 us
+// (wgmma) against about 100 us; at M = 2048 they take 1.05 ms (mma.sync) and 0.78 ms (wgmma) where
+// cuBLAS' bf16 GEMM takes 0.36 ms. Per-row lookup tables with byte permutes instead of shuffles, and
+// 256-row wgmma tiles, were tried and measured no faster (benchmarks/notes_gemm_4bit_prefill.md).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -60,23 +65,25 @@ constexpr int kBF16 = static_cast<int>(DType::kBFloat16);
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;
-constexpr int kWarpsN = 4;  // warps along the rows of W
-constexpr int kWarpsM = 2;  // warps along the rows of A
-constexpr int kBN = 128;    // rows of W per block
-constexpr int kBK = 64;     // elements of K per pipeline stage
+constexpr int kWarpsN = 4;       // warps along the rows of W
+constexpr int kWarpsM = 2;       // warps along the rows of A
+constexpr int kBN = 128;         // rows of W per block (mma.sync kernel)
+constexpr int kWgmmaRows = 128;  // rows of W per block (wgmma kernel)
+constexpr int kBK = 64;          // elements of K per pipeline stage
 constexpr int kMaxDevices = 64;
 
-template <int kBM>
+template <int kBM, int kRowsW = kBN>
 struct Tile {
-  static constexpr int kWarpRowsA = kBM / kWarpsM;  // rows of A per warp
-  static constexpr int kNT = kWarpRowsA / 8;        // 8-row MMA tiles of A per warp
-  static constexpr int kABytes = kBM * kBK * 2;     // A per stage
-  static constexpr int kWBytes = kBN * kBK / 2;     // codes per stage
-  static constexpr int kScaleBytes = kBN * 8;       // per row: float32 absmax, or code word + nested absmax
+  static constexpr int kThreadsPerBlock = 2 * kRowsW;  // one 16-byte copy of codes per thread and stage
+  static constexpr int kWarpRowsA = kBM / kWarpsM;     // rows of A per warp (mma.sync kernel)
+  static constexpr int kNT = kWarpRowsA / 8;           // 8-row MMA tiles of A per warp (mma.sync kernel)
+  static constexpr int kABytes = kBM * kBK * 2;        // A per stage
+  static constexpr int kWBytes = kRowsW * kBK / 2;     // codes per stage
+  static constexpr int kScaleBytes = kRowsW * 8;  // per row: float32 absmax, or code word + nested absmax
   static constexpr int kStageBytes = kABytes + kWBytes + kScaleBytes;
-  static constexpr int kStages = 4;  // cp.async slots (two blocks per SM fit)
+  static constexpr int kStages = 4;  // cp.async slots
   static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kEpiStride = kBN + 4;  // floats per staged output row (conflict-free writes)
+  static constexpr int kEpiStride = kRowsW + 4;  // floats per staged output row (conflict-free writes)
   static constexpr int kEpiBytes = kBM * kEpiStride * 4;
   static constexpr int kSmem = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;
   static_assert(kNT >= 1, "at least one 8-row tile of A per warp");
@@ -178,15 +185,15 @@ __device__ __forceinline__ float elem_value(const void* p, int64_t i) {
 
 // Issues the copies of stage `kt` (64 elements of K) into shared-memory slot `slot`: the codes, A, and
 // the block scale of each of the 128 rows (a stage's 64 codes of a row share one block).
-template <int kBM, bool kNested>
+template <int kBM, bool kNested, int kRowsW = kBN>
 __device__ __forceinline__ void load_stage(const PrefillArgs& args, uint8_t* smem, int slot, int64_t kt,
                                            int64_t n0, int m0) {
-  using T = Tile<kBM>;
+  using T = Tile<kBM, kRowsW>;
   uint8_t* a_tile = smem + slot * T::kStageBytes;
   uint8_t* w_tile = a_tile + T::kABytes;
   uint8_t* scale_tile = w_tile + T::kWBytes;
   const int tid = static_cast<int>(threadIdx.x);
-  // Codes: 128 rows x 2 chunks of 16 bytes, one per thread.
+  // Codes: kRowsW rows x 2 chunks of 16 bytes, one per thread.
   {
     const int row = tid >> 1;
     const int half = tid & 1;
@@ -198,14 +205,14 @@ __device__ __forceinline__ void load_stage(const PrefillArgs& args, uint8_t* sme
   // Scales: thread r < 128 the plain absmax (or the 4-byte word holding the 8-bit code) of row r,
   // thread 128 + r the nested absmax of row r. Rows past N copy row N - 1's (their output is dropped).
   {
-    const int row = tid & (kBN - 1);
+    const int row = tid & (kRowsW - 1);
     int64_t j = n0 + row;
     if (j >= args.N) j = args.N - 1;
     const int64_t b = (j * args.K + kt * kBK) >> args.log2_blocksize;
     if constexpr (!kNested) {
-      if (tid < kBN) copy_4(smem_address(scale_tile + row * 4), args.scales.absmax + b, 4);
+      if (tid < kRowsW) copy_4(smem_address(scale_tile + row * 4), args.scales.absmax + b, 4);
     } else {
-      if (tid < kBN) {
+      if (tid < kRowsW) {
         const int64_t word = b & ~int64_t{3};
         const int64_t left = args.blocks - word;
         if (left >= 4) {
@@ -217,14 +224,14 @@ __device__ __forceinline__ void load_stage(const PrefillArgs& args, uint8_t* sme
           *reinterpret_cast<uint32_t*>(scale_tile + row * 4) = value;
         }
       } else {
-        copy_4(smem_address(scale_tile + kBN * 4 + row * 4), args.scales.nested_absmax + (b >> 8), 4);
+        copy_4(smem_address(scale_tile + kRowsW * 4 + row * 4), args.scales.nested_absmax + (b >> 8), 4);
       }
     }
   }
   // A: kBM rows x 8 chunks of 16 bytes; chunk c of row r lands at chunk c ^ (r & 7).
   const unsigned short* a = static_cast<const unsigned short*>(args.A);
 #pragma unroll
-  for (int c = tid; c < kBM * 8; c += kThreads) {
+  for (int c = tid; c < kBM * 8; c += T::kThreadsPerBlock) {
     const int row = c >> 3;
     const int chunk = c & 7;
     const bool valid = m0 + row < args.M;
@@ -234,7 +241,7 @@ __device__ __forceinline__ void load_stage(const PrefillArgs& args, uint8_t* sme
 }
 
 // The scale of local row `row` in a stage's scale tile.
-template <bool kNested>
+template <bool kNested, int kRowsW = kBN>
 __device__ __forceinline__ float stage_scale(const PrefillArgs& args, const uint8_t* scale_tile, int row,
                                              int64_t j, int64_t kt) {
   if constexpr (!kNested) {
@@ -243,9 +250,40 @@ __device__ __forceinline__ float stage_scale(const PrefillArgs& args, const uint
     const int64_t b = (j * args.K + kt * kBK) >> args.log2_blocksize;
     const uint32_t word = reinterpret_cast<const uint32_t*>(scale_tile)[row];
     const uint32_t code = (word >> (8 * static_cast<int>(b & 3))) & 0xffu;
-    const float nested_absmax = reinterpret_cast<const float*>(scale_tile + kBN * 4)[row];
+    const float nested_absmax = reinterpret_cast<const float*>(scale_tile + kRowsW * 4)[row];
     return __fadd_rn(multiply_like_cuda(__ldg(args.scales.nested_code + code), nested_absmax),
                      __ldg(args.scales.offset));
+  }
+}
+
+// Writes a block's output tile from the float32 staging area (row m_local of A at m_local * kEpiStride):
+// bias added and rounded to A's dtype, or float32 partial sums when K is split (grid z).
+template <int kDType, int kBM, int kRowsW = kBN>
+__device__ __forceinline__ void store_tile(const PrefillArgs& args, const float* staged, int m0, int64_t n0) {
+  using T = Tile<kBM, kRowsW>;
+  const bool split = gridDim.z > 1;
+  for (int idx = static_cast<int>(threadIdx.x); idx < kBM * (kRowsW / 8); idx += T::kThreadsPerBlock) {
+    const int m_local = idx / (kRowsW / 8);
+    const int c = idx % (kRowsW / 8);
+    const int m = m0 + m_local;
+    const int64_t n = n0 + c * 8;
+    if (m >= args.M || n >= args.N) continue;  // N % 8 == 0: a run of 8 is inside or outside
+    const float4 v0 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8);
+    const float4 v1 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8 + 4);
+    if (split) {
+      float4* dst = reinterpret_cast<float4*>(args.partial +
+                                              (static_cast<int64_t>(blockIdx.z) * args.M + m) * args.N + n);
+      dst[0] = v0;
+      dst[1] = v1;
+    } else {
+      float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+      if (args.bias != nullptr) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] += elem_value<kDType>(args.bias, n + e);
+      }
+      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(args.out) + static_cast<int64_t>(m) * args.N +
+                                n) = to_dtype8<kDType>(v);
+    }
   }
 }
 
@@ -377,30 +415,203 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const Pr
   }
   __syncthreads();
 
-  const bool split = gridDim.z > 1;
-  for (int idx = static_cast<int>(threadIdx.x); idx < kBM * (kBN / 8); idx += kThreads) {
-    const int m_local = idx / (kBN / 8);
-    const int c = idx % (kBN / 8);
-    const int m = m0 + m_local;
-    const int64_t n = n0 + c * 8;
-    if (m >= args.M || n >= args.N) continue;  // N % 8 == 0: a run of 8 is inside or outside
-    const float4 v0 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8);
-    const float4 v1 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8 + 4);
-    if (split) {
-      float4* dst = reinterpret_cast<float4*>(args.partial +
-                                              (static_cast<int64_t>(blockIdx.z) * args.M + m) * args.N + n);
-      dst[0] = v0;
-      dst[1] = v1;
-    } else {
-      float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-      if (args.bias != nullptr) {
+  store_tile<kDType, kBM>(args, staged, m0, n0);
+}
+
+// ---- sm_90a: the same tile with wgmma --------------------------------------------------------------
+// A block owns kWgmmaRows = 128 rows of W and 128 rows of A (256 threads: 2 warp groups; 256 rows and 4
+// warp groups, halving the re-reads of A from L2, measured no faster). A warp group owns 64 rows of W; its
+// weight fragment (each warp 16 rows, mma.sync's A layout) comes from registers as above, but in natural K
+// order (lane q dequantizes code bytes q and q + 4 of each 8-byte step), and the 128 rows of A are read by
+// the tensor cores straight from the stage's shared memory through a matrix descriptor: the tile is K-major
+// with 128-byte rows whose 16-byte chunks are XOR-swizzled by row, which is the hardware's 128-byte swizzle
+// when the tile is 1024-byte aligned. No activation fragment loads, and every code is dequantized once per
+// block.
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define HALFBYTE_WGMMA 1
+#endif
+
+// Shared-memory matrix descriptor of a K-major, 128-byte-swizzled tile at `address` (1024-byte aligned):
+// 8-row groups 1024 bytes apart (stride byte offset), leading byte offset unused (1).
+__device__ __forceinline__ uint64_t swizzled_tile_descriptor(uint32_t address) {
+  return static_cast<uint64_t>((address & 0x3ffffu) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// d[64] += W(16x16 per warp, registers a) x A^T (descriptor b): m64n128k16, float32 accumulators.
+template <int kDType>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+#if defined(HALFBYTE_WGMMA)
+  if constexpr (kDType == kBF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+        "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, "
+        "%41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, "
+        "%61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+          "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, "
+        "%1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+        "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
+        "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "
+        "%62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+          "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+#endif
+}
+
+// Keeps registers live and in place across an asynchronous wgmma (the compiler cannot see that the
+// instruction reads and writes them after it was issued).
+__device__ __forceinline__ void fence_operands(float (&d)[64]) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] += elem_value<kDType>(args.bias, n + e);
-      }
-      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(args.out) + static_cast<int64_t>(m) * args.N +
-                                n) = to_dtype8<kDType>(v);
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_operands(uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[s][r])::"memory");
+  }
+}
+
+template <int kDType, bool kNested>
+__global__ void __launch_bounds__(2 * kWgmmaRows, kWgmmaRows == 128 ? 2 : 1)
+    gemm_4bit_prefill_wgmma_kernel(const PrefillArgs args) {
+#if defined(HALFBYTE_WGMMA)
+  using T = Tile<128, kWgmmaRows>;
+  constexpr int kStages = T::kStages;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  uint8_t* smem =
+      reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWgmmaRows;
+  const int m0 = static_cast<int>(blockIdx.y) * 128;
+  const int64_t k_stages = args.K / kBK;
+  const int64_t kt_begin = static_cast<int64_t>(blockIdx.z) * args.stages_per_split;
+  int64_t kt_end = kt_begin + args.stages_per_split;
+  if (kt_end > k_stages) kt_end = k_stages;
+  const int count = kt_begin < kt_end ? static_cast<int>(kt_end - kt_begin) : 0;
+  const float table_lane = __ldg(args.table + (lane & 15));
+
+  // Rows g and g + 8 of the warp's 16 (warp group warp / 4 owns rows 64 * (warp / 4) ..).
+  const int local_row[2] = {warp * 16 + g, warp * 16 + g + 8};
+  int64_t w_row[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t j = n0 + local_row[h];
+    w_row[h] = j < args.N ? j : args.N - 1;
+  }
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+
+  // The weight fragment of one stage: step s uses bytes 8s .. 8s + 7 of a row; the lane's k-slots
+  // (2q, 2q + 1) are byte 8s + q, slots (2q + 8, 2q + 9) byte 8s + 4 + q.
+  auto dequantize_stage = [&](int it, uint32_t (&a)[4][4]) {
+    const uint8_t* w_tile = smem + (it % kStages) * T::kStageBytes + T::kABytes;
+    float scale[2];
+    uint4 codes[2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      scale[h] =
+          stage_scale<kNested, kWgmmaRows>(args, w_tile + T::kWBytes, local_row[h], w_row[h], kt_begin + it);
+      codes[h][0] = *reinterpret_cast<const uint4*>(w_tile + local_row[h] * 32);
+      codes[h][1] = *reinterpret_cast<const uint4*>(w_tile + local_row[h] * 32 + 16);
+    }
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      const uint4& c0 = codes[0][step >> 1];
+      const uint4& c1 = codes[1][step >> 1];
+      const uint32_t lo0 = (step & 1) ? c0.z : c0.x, hi0 = (step & 1) ? c0.w : c0.y;
+      const uint32_t lo1 = (step & 1) ? c1.z : c1.x, hi1 = (step & 1) ? c1.w : c1.y;
+      a[step][0] = dequantize_byte<kDType>(table_lane, lo0, q, scale[0]);
+      a[step][1] = dequantize_byte<kDType>(table_lane, lo1, q, scale[1]);
+      a[step][2] = dequantize_byte<kDType>(table_lane, hi0, q, scale[0]);
+      a[step][3] = dequantize_byte<kDType>(table_lane, hi1, q, scale[1]);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < count) load_stage<128, kNested, kWgmmaRows>(args, smem, s, kt_begin + s, n0, m0);
+    copy_commit();
+  }
+  copy_wait<kStages - 2>();                                     // stage 0
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async data -> the tensor cores' reads
+  __syncthreads();
+  uint32_t a[4][4];
+  if (count > 0) dequantize_stage(0, a);
+  // Per stage: issue its 4 wgmma, dequantize the next stage while they run, then wait. Slot it % kStages
+  // is refilled only after every warp group's wgmma on it finished (the barrier at the end).
+  for (int it = 0; it < count; ++it) {
+    {
+      const int ahead = it + kStages - 1;
+      if (ahead < count)
+        load_stage<128, kNested, kWgmmaRows>(args, smem, ahead % kStages, kt_begin + ahead, n0, m0);
+      copy_commit();
+    }
+    const uint64_t desc = swizzled_tile_descriptor(smem_address(smem + (it % kStages) * T::kStageBytes));
+    fence_operands(acc);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int step = 0; step < 4; ++step) wgmma_m64n128k16<kDType>(acc, a[step], desc + 2 * step);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    copy_wait<kStages - 2>();  // stage it + 1
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    uint32_t next[4][4];
+    if (it + 1 < count) dequantize_stage(it + 1, next);
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    fence_operands(acc);
+    fence_operands(a);  // the registers the wgmma read stay untouched until it finished
+    __syncthreads();
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) a[step][r] = next[step][r];
     }
   }
+  copy_wait<0>();
+  __syncthreads();
+
+  // acc[4j + i]: W row warp*16 + g + 8(i/2), A row 8j + 2q + (i%2).
+  float* staged = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      staged[(8 * j + 2 * q + (i & 1)) * T::kEpiStride + warp * 16 + g + 8 * (i >> 1)] = acc[4 * j + i];
+    }
+  }
+  __syncthreads();
+  store_tile<kDType, 128, kWgmmaRows>(args, staged, m0, n0);
+#endif
 }
 
 // out[m, n] = sum over splits (in order) of partial[s, m, n] (+ bias[n]), rounded to A's dtype; 8 per thread.
@@ -429,21 +640,25 @@ __global__ void __launch_bounds__(256) gemm_4bit_reduce_kernel(const float* part
 
 // ---- host side ------------------------------------------------------------------------------------
 
-cudaError_t sm_count(int& count) {
-  static std::atomic<int> known[kMaxDevices];
+// An attribute of the current device, asked once per device and attribute slot.
+template <cudaDeviceAttr kAttribute>
+cudaError_t device_attribute(int& value) {
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet (every attribute used here is > 0)
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  int value = known[device].load(std::memory_order_relaxed);
-  if (value == 0) {
-    err = cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device);
+  int v = known[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    err = cudaDeviceGetAttribute(&v, kAttribute, device);
     if (err != cudaSuccess) return err;
-    known[device].store(value, std::memory_order_relaxed);
+    known[device].store(v, std::memory_order_relaxed);
   }
-  count = value;
+  value = v;
   return cudaSuccess;
 }
+
+cudaError_t sm_count(int& count) { return device_attribute<cudaDevAttrMultiProcessorCount>(count); }
 
 int log2_exact(int64_t x) {
   int r = 0;
@@ -467,6 +682,30 @@ cudaError_t launch_prefill(const PrefillArgs& args, dim3 grid, cudaStream_t stre
   }
   kernel<<<grid, kThreads, kSmem, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <int kDType, bool kNested>
+cudaError_t launch_prefill_wgmma(const PrefillArgs& args, dim3 grid, cudaStream_t stream) {
+  constexpr int kSmem = Tile<128, kWgmmaRows>::kSmem + 1024;  // + alignment of the tiles to 1024 bytes
+  auto kernel = gemm_4bit_prefill_wgmma_kernel<kDType, kNested>;
+  static std::atomic<bool> configured[kMaxDevices];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  if (!configured[device].load(std::memory_order_relaxed)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    configured[device].store(true, std::memory_order_relaxed);
+  }
+  kernel<<<grid, 2 * kWgmmaRows, kSmem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <int kDType>
+cudaError_t launch_prefill_wgmma(const PrefillArgs& args, bool nested, dim3 grid, cudaStream_t stream) {
+  return nested ? launch_prefill_wgmma<kDType, true>(args, grid, stream)
+                : launch_prefill_wgmma<kDType, false>(args, grid, stream);
 }
 
 template <int kDType, int kBM>
@@ -500,16 +739,29 @@ bool gemm_4bit_prefill_supported(DType dtype, int64_t M, int64_t N, int64_t K, i
          reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(packed) % 16 == 0;
 }
 
-cudaError_t gemm_4bit_prefill_plan(int64_t M, int64_t N, int64_t K, PrefillPlan* plan) {
+bool gemm_4bit_prefill_has_wgmma() {
+#if defined(HALFBYTE_HAS_SM90A)
+  int major = 0, minor = 0;
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>(major) == cudaSuccess &&
+         device_attribute<cudaDevAttrComputeCapabilityMinor>(minor) == cudaSuccess && major == 9 &&
+         minor == 0;
+#else
+  return false;
+#endif
+}
+
+cudaError_t gemm_4bit_prefill_plan(int64_t M, int64_t N, int64_t K, bool wgmma, PrefillPlan* plan) {
   if (plan == nullptr || M <= 0 || N <= 0 || K <= 0 || K % kBK != 0) return cudaErrorInvalidValue;
   int sms = 0;
   const cudaError_t err = sm_count(sms);
   if (err != cudaSuccess) return err;
-  plan->rows_per_block = M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 128;
-  const int64_t tiles = ((N + kBN - 1) / kBN) * ((M + plan->rows_per_block - 1) / plan->rows_per_block);
+  plan->wgmma = wgmma && gemm_4bit_prefill_has_wgmma();
+  plan->rows_per_block = plan->wgmma ? 128 : M <= 16 ? 16 : M <= 32 ? 32 : M <= 64 ? 64 : 128;
+  const int64_t w_rows = plan->wgmma ? kWgmmaRows : kBN;
+  const int64_t tiles = ((N + w_rows - 1) / w_rows) * ((M + plan->rows_per_block - 1) / plan->rows_per_block);
   const int64_t k_stages = K / kBK;
-  // Split K until about two blocks per SM are busy, keeping at least 4 stages per split.
-  const int64_t want = 2 * static_cast<int64_t>(sms);
+  // Split K until about two blocks per SM (one for wgmma) are busy, keeping at least 4 stages per split.
+  const int64_t want = (plan->wgmma && kWgmmaRows > 128 ? 1 : 2) * static_cast<int64_t>(sms);
   int64_t splits = tiles >= want ? 1 : (want + tiles - 1) / tiles;
   const int64_t max_splits = k_stages / 4 > 1 ? k_stages / 4 : 1;
   if (splits > max_splits) splits = max_splits;
@@ -553,11 +805,18 @@ cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, 
   args.stages_per_split = plan.stages_per_split;
   const int64_t m_tiles = (M + plan.rows_per_block - 1) / plan.rows_per_block;
   if (m_tiles > 65535 || plan.splits > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>((N + kBN - 1) / kBN), static_cast<unsigned>(m_tiles),
+  const int64_t w_rows = plan.wgmma ? kWgmmaRows : kBN;
+  const dim3 grid(static_cast<unsigned>((N + w_rows - 1) / w_rows), static_cast<unsigned>(m_tiles),
                   static_cast<unsigned>(plan.splits));
-  cudaError_t err = dtype == DType::kBFloat16
-                        ? launch_prefill<kBF16>(args, plan.rows_per_block, nested, grid, stream)
-                        : launch_prefill<kF16>(args, plan.rows_per_block, nested, grid, stream);
+  cudaError_t err;
+  if (plan.wgmma) {
+    if (!gemm_4bit_prefill_has_wgmma() || plan.rows_per_block != 128) return cudaErrorInvalidValue;
+    err = dtype == DType::kBFloat16 ? launch_prefill_wgmma<kBF16>(args, nested, grid, stream)
+                                    : launch_prefill_wgmma<kF16>(args, nested, grid, stream);
+  } else {
+    err = dtype == DType::kBFloat16 ? launch_prefill<kBF16>(args, plan.rows_per_block, nested, grid, stream)
+                                    : launch_prefill<kF16>(args, plan.rows_per_block, nested, grid, stream);
+  }
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int64_t runs = M * N / 8;
   int64_t blocks = (runs + 255) / 256;

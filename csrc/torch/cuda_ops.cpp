@@ -3,15 +3,18 @@
 // synchronization and no host->device copies, so every op can be captured in a CUDA graph.
 //
 // gemm_4bit / gemv_4bit dispatch (rows M = A.numel() / K), see choose_gemm_kernel:
-//   M <= kDecodeMaxRows  -> the fused decode kernel (gemm_4bit_decode.cu): streams the 4-bit weight once.
-//   M <= 32, or M <= 64 with N * K >= 2^25, on shapes gemm_4bit_prefill_supported accepts -> the fused
-//                           tensor-core kernel (gemm_4bit_prefill.cu): weight dequantized in registers.
+//   M <= kDecodeMaxRows  -> the fused decode kernels (gemm_4bit_decode.cu): stream the 4-bit weight once.
+//   16 < M <= 32, or M <= 64 with N * K >= 2^25 -> the fused mma.sync kernel (gemm_4bit_prefill.cu).
+//   64 < M <= 128 with N * K >= 2^25 -> its wgmma variant on sm_90a builds running on CC 9.0, else the
+//                           mma.sync one.
 //   otherwise            -> dequantize the weight to A's dtype, then at::linear (cuBLAS).
-// The rule is measured (H100, benchmarks/README.md): the fused kernel is limited by its dequantize
-// instructions (shuffles through the shared-memory pipe), so it beats dequantize + cuBLAS only while
-// the bf16 copy of the weight costs more than that work: up to M = 64 on the large Llama shapes (14336 x
-// 4096: 63 us against 99 us at M = 64), up to M = 32 on the 4096 x 4096 ones.
-// HALFBYTE_GEMM_4BIT_KERNEL=decode|prefill|dequantize forces one path where it applies (tests, benchmarks).
+// The rule is measured (H100, benchmarks/README.md): the fused kernels are limited by their dequantize
+// and issue work (ncu: tensor pipe 32-35% busy), so they beat dequantize + cuBLAS only while the bf16
+// copy of the weight costs more than that work: 14336 x 4096 at M = 64 65 us against 100 us, at M = 128
+// (wgmma) 79 us against 101 us, 128256 x 4096 at M = 128 455 us against 875 us; on 4096 x 4096 only up
+// to M = 32.
+// HALFBYTE_GEMM_4BIT_KERNEL=decode|prefill|wgmma|dequantize forces one path where it applies (tests,
+// benchmarks); "prefill" is the mma.sync (sm_80) kernel, "wgmma" its sm_90a variant.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -146,7 +149,7 @@ void dequantize_blockwise_out_cuda(const at::Tensor& A, const at::Tensor& absmax
   dequantize_blockwise_into(p, code, blocksize);
 }
 
-enum class GemmKernel { kDecode, kPrefill, kDequantize };
+enum class GemmKernel { kDecode, kPrefill, kPrefillWgmma, kDequantize };
 
 // The path for a validated plan; a forced path that cannot run these arguments falls back to the rule.
 GemmKernel choose_gemm_kernel(const GemmPlan& p, int64_t blocksize,
@@ -161,10 +164,16 @@ GemmKernel choose_gemm_kernel(const GemmPlan& p, int64_t blocksize,
     if (std::strcmp(forced, "decode") == 0) return GemmKernel::kDecode;
     if (std::strcmp(forced, "dequantize") == 0) return GemmKernel::kDequantize;
     if (std::strcmp(forced, "prefill") == 0 && prefill_ok) return GemmKernel::kPrefill;
+    if (std::strcmp(forced, "wgmma") == 0 && prefill_ok && cuda::gemm_4bit_prefill_has_wgmma()) {
+      return GemmKernel::kPrefillWgmma;
+    }
   }
   if (p.M <= kDecodeMaxRows) return GemmKernel::kDecode;
-  if (prefill_ok && (p.M <= 32 || (p.M <= 64 && p.N * p.K >= (int64_t{1} << 25))))
-    return GemmKernel::kPrefill;
+  const bool large_weight = p.N * p.K >= (int64_t{1} << 25);
+  if (prefill_ok && (p.M <= 32 || (p.M <= 64 && large_weight))) return GemmKernel::kPrefill;
+  if (prefill_ok && p.M <= 128 && large_weight) {
+    return cuda::gemm_4bit_prefill_has_wgmma() ? GemmKernel::kPrefillWgmma : GemmKernel::kPrefill;
+  }
   return GemmKernel::kDequantize;
 }
 
@@ -176,12 +185,13 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
                               const c10::optional<at::Tensor>& absmax_offset) {
   const at::ScalarType dtype = p.A2.scalar_type();
   const GemmKernel kernel = choose_gemm_kernel(p, blocksize, absmax_8bit);
-  if (kernel == GemmKernel::kPrefill) {
+  if (kernel == GemmKernel::kPrefill || kernel == GemmKernel::kPrefillWgmma) {
     at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
     const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
     cuda::PrefillPlan plan;
-    check_cuda(cuda::gemm_4bit_prefill_plan(p.M, p.N, p.K, &plan), "halfbyte::gemm_4bit");
+    check_cuda(cuda::gemm_4bit_prefill_plan(p.M, p.N, p.K, kernel == GemmKernel::kPrefillWgmma, &plan),
+               "halfbyte::gemm_4bit");
     const at::Tensor workspace =
         plan.splits > 1 ? at::empty({plan.workspace_floats}, p.A2.options().dtype(at::kFloat)) : at::Tensor();
     check_cuda(cuda::gemm_4bit_prefill(p.A2.const_data_ptr(), to_dtype(dtype), p.M, p.K,

@@ -107,6 +107,7 @@ struct Case {
   int64_t a_offset = 0;       // elements before A's first row (odd: unaligned rows)
   int64_t packed_offset = 0;  // bytes before the packed codes (nonzero: unaligned)
   bool prefill = false;       // call gemm_4bit_prefill (the tensor-core kernel for larger M)
+  bool wgmma = false;         // ... its sm_90a variant, where the device runs it
 };
 
 std::string describe(const Case& c) {
@@ -244,7 +245,7 @@ void run_case(const Case& c, uint64_t seed) {
     ASSERT_TRUE(cuda::gemm_4bit_prefill_supported(c.dtype, c.M, c.N, c.K, c.lda, a_ptr, dw.packed_ptr,
                                                   c.blocksize, dw.scales.absmax_codes));
     cuda::PrefillPlan plan;
-    ASSERT_EQ(cuda::gemm_4bit_prefill_plan(c.M, c.N, c.K, &plan), cudaSuccess);
+    ASSERT_EQ(cuda::gemm_4bit_prefill_plan(c.M, c.N, c.K, c.wgmma, &plan), cudaSuccess);
     DeviceBuffer workspace(plan.workspace_floats * 4);
     ASSERT_TRUE(workspace.ok());
     ASSERT_EQ(
@@ -469,6 +470,10 @@ TEST(CudaGemm4bit, PrefillKernel) {
         c.nested = (seed % 5) < 2;
         c.qtype = (seed % 7) == 0 ? QuantType::kFP4 : QuantType::kNF4;
         run_case(c, seed++);
+        if (cuda::gemm_4bit_prefill_has_wgmma()) {
+          c.wgmma = true;
+          run_case(c, seed++);
+        }
       }
     }
   }

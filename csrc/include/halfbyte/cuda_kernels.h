@@ -64,6 +64,7 @@ cudaError_t gemm_4bit(const void* A, DType dtype, int64_t M, int64_t K, int64_t 
 // height and the split of K for the current device; a plan with splits > 1 needs a float32 workspace
 // of workspace_floats elements on the same stream.
 struct PrefillPlan {
+  bool wgmma = false;        // the sm_90a kernel (wgmma) instead of the mma.sync one
   int rows_per_block = 0;    // rows of A per thread block: 16, 32, 64 or 128
   int splits = 1;            // thread blocks along K; their float32 partial sums are added in order
   int stages_per_split = 0;  // 64-element steps of K per split
@@ -71,7 +72,10 @@ struct PrefillPlan {
 };
 bool gemm_4bit_prefill_supported(DType dtype, int64_t M, int64_t N, int64_t K, int64_t lda, const void* A,
                                  const uint8_t* packed, int64_t blocksize, const uint8_t* absmax_codes);
-cudaError_t gemm_4bit_prefill_plan(int64_t M, int64_t N, int64_t K, PrefillPlan* plan);
+// Whether the wgmma kernel runs here: built for sm_90a and the current device is compute capability 9.0.
+bool gemm_4bit_prefill_has_wgmma();
+// `wgmma`: use the sm_90a kernel where gemm_4bit_prefill_has_wgmma() (else the mma.sync one, sm_80+).
+cudaError_t gemm_4bit_prefill_plan(int64_t M, int64_t N, int64_t K, bool wgmma, PrefillPlan* plan);
 cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda,
                               const uint8_t* packed, BlockScales scales, const float* table, int64_t N,
                               int64_t blocksize, const void* bias, void* out, const PrefillPlan& plan,
