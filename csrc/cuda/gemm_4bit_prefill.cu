@@ -56,6 +56,7 @@
 #include <cstdint>
 
 #include "halfbyte/cuda_kernels.h"
+#include "mma_sync.cuh"
 
 namespace halfbyte::cuda {
 namespace {
@@ -125,17 +126,7 @@ __device__ __forceinline__ void copy_wait() {
 
 template <int kDType>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (kDType == kBF16) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
+  mma::m16n8k16<kDType == kBF16>(d, a, b0, b1);
 }
 
 // {first in the low half, second in the high half}, each rounded to nearest even in A's dtype.
@@ -287,6 +278,14 @@ __device__ __forceinline__ void store_tile(const PrefillArgs& args, const float*
   }
 }
 
+// Stages of K this block's split computes, from stage kt_begin (the last split may have fewer).
+__device__ __forceinline__ int split_stage_count(const PrefillArgs& args, int64_t kt_begin) {
+  const int64_t k_stages = args.K / kBK;
+  int64_t kt_end = kt_begin + args.stages_per_split;
+  if (kt_end > k_stages) kt_end = k_stages;
+  return kt_begin < kt_end ? static_cast<int>(kt_end - kt_begin) : 0;
+}
+
 template <int kDType, int kBM, bool kNested>
 __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const PrefillArgs args) {
   using T = Tile<kBM>;
@@ -302,11 +301,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const Pr
   const int warp_m = warp / kWarpsN;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBN;
   const int m0 = static_cast<int>(blockIdx.y) * kBM;
-  const int64_t k_stages = args.K / kBK;
   const int64_t kt_begin = static_cast<int64_t>(blockIdx.z) * args.stages_per_split;
-  int64_t kt_end = kt_begin + args.stages_per_split;
-  if (kt_end > k_stages) kt_end = k_stages;
-  const int count = kt_begin < kt_end ? static_cast<int>(kt_end - kt_begin) : 0;
+  const int count = split_stage_count(args, kt_begin);
 
   const float table_lane = __ldg(args.table + (lane & 15));
 
@@ -439,47 +435,37 @@ __device__ __forceinline__ uint64_t swizzled_tile_descriptor(uint32_t address) {
          (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
 
-// d[64] += W(16x16 per warp, registers a) x A^T (descriptor b): m64n128k16, float32 accumulators.
+// d[64] += W(16x16 per warp, registers a) x A^T (descriptor b): m64n128k16, float32 accumulators; TYPE
+// is the operand type of the instruction (bf16 or f16).
+#define HALFBYTE_WGMMA_M64N128K16(TYPE)                                                                      \
+  asm volatile(                                                                                              \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "    \
+      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, " \
+      "%41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, " \
+      "%61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"                                            \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),      \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),             \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),           \
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),           \
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),           \
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),           \
+        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),           \
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),           \
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])            \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+
 template <int kDType>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
 #if defined(HALFBYTE_WGMMA)
   if constexpr (kDType == kBF16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-        "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, "
-        "%41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, "
-        "%61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
-          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
-          "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
-          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
-          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
-          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    HALFBYTE_WGMMA_M64N128K16("bf16");
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, "
-        "%1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
-        "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
-        "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "
-        "%62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
-          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
-          "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
-          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
-          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
-          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    HALFBYTE_WGMMA_M64N128K16("f16");
   }
 #endif
 }
+#undef HALFBYTE_WGMMA_M64N128K16
 
 // Keeps registers live and in place across an asynchronous wgmma (the compiler cannot see that the
 // instruction reads and writes them after it was issued).
@@ -511,11 +497,8 @@ __global__ void __launch_bounds__(2 * kWgmmaRows, kWgmmaRows == 128 ? 2 : 1)
   const int q = lane & 3;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWgmmaRows;
   const int m0 = static_cast<int>(blockIdx.y) * 128;
-  const int64_t k_stages = args.K / kBK;
   const int64_t kt_begin = static_cast<int64_t>(blockIdx.z) * args.stages_per_split;
-  int64_t kt_end = kt_begin + args.stages_per_split;
-  if (kt_end > k_stages) kt_end = k_stages;
-  const int count = kt_begin < kt_end ? static_cast<int>(kt_end - kt_begin) : 0;
+  const int count = split_stage_count(args, kt_begin);
   const float table_lane = __ldg(args.table + (lane & 15));
 
   // Rows g and g + 8 of the warp's 16 (warp group warp / 4 owns rows 64 * (warp / 4) ..).
@@ -666,40 +649,34 @@ int log2_exact(int64_t x) {
   return r;
 }
 
-template <int kDType, int kBM, bool kNested>
-cudaError_t launch_prefill(const PrefillArgs& args, dim3 grid, cudaStream_t stream) {
-  constexpr int kSmem = Tile<kBM>::kSmem;
-  auto kernel = gemm_4bit_prefill_kernel<kDType, kBM, kNested>;
+// Launches kKernel with kSmem bytes of dynamic shared memory, raising its limit once per device.
+template <auto kKernel, int kThreadsPerBlock, int kSmem>
+cudaError_t launch_with_shared_memory(const PrefillArgs& args, dim3 grid, cudaStream_t stream) {
   static std::atomic<bool> configured[kMaxDevices];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
   if (!configured[device].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
     configured[device].store(true, std::memory_order_relaxed);
   }
-  kernel<<<grid, kThreads, kSmem, stream>>>(args);
+  kKernel<<<grid, kThreadsPerBlock, kSmem, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <int kDType, int kBM, bool kNested>
+cudaError_t launch_prefill(const PrefillArgs& args, dim3 grid, cudaStream_t stream) {
+  return launch_with_shared_memory<gemm_4bit_prefill_kernel<kDType, kBM, kNested>, kThreads,
+                                   Tile<kBM>::kSmem>(args, grid, stream);
 }
 
 template <int kDType, bool kNested>
 cudaError_t launch_prefill_wgmma(const PrefillArgs& args, dim3 grid, cudaStream_t stream) {
-  constexpr int kSmem = Tile<128, kWgmmaRows>::kSmem + 1024;  // + alignment of the tiles to 1024 bytes
-  auto kernel = gemm_4bit_prefill_wgmma_kernel<kDType, kNested>;
-  static std::atomic<bool> configured[kMaxDevices];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  if (!configured[device].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    configured[device].store(true, std::memory_order_relaxed);
-  }
-  kernel<<<grid, 2 * kWgmmaRows, kSmem, stream>>>(args);
-  return cudaGetLastError();
+  // + 1024: the kernel aligns its tiles to 1024 bytes
+  return launch_with_shared_memory<gemm_4bit_prefill_wgmma_kernel<kDType, kNested>, 2 * kWgmmaRows,
+                                   Tile<128, kWgmmaRows>::kSmem + 1024>(args, grid, stream);
 }
 
 template <int kDType>

@@ -43,6 +43,7 @@
 #include <cstdint>
 
 #include "halfbyte/int8_cuda_kernels.h"
+#include "mma_sync.cuh"
 
 namespace halfbyte::cuda {
 namespace {
@@ -101,17 +102,7 @@ __device__ __forceinline__ void int8x4_to_pairs(uint32_t word, uint32_t& lo, uin
 
 template <int kDType>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (kDType == kBF16) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
+  mma::m16n8k16<kDType == kBF16>(d, a, b0, b1);
 }
 
 __device__ __forceinline__ float half_bits_to_float(int dtype, unsigned short bits) {
