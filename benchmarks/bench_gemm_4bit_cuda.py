@@ -15,7 +15,6 @@ packed weights + absmax + activations + output.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from functools import partial
@@ -23,7 +22,7 @@ from functools import partial
 import halfbyte
 import halfbyte.functional as F
 import torch
-from timing import bitsandbytes_or_none, copy_bandwidth_gbs, environment, median_us_per_call
+from timing import bitsandbytes_or_none, copy_bandwidth_gbs, environment, layer_row, median_us_per_call, report
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
 
@@ -76,40 +75,14 @@ def main() -> None:
                         [partial(halfbyte.matmul_4bit, x, p.t(), s) for p, s in ours]
                     )
                     del os.environ["HALFBYTE_GEMM_4BIT_KERNEL"]
-                rows.append(
-                    {
-                        "N": N,
-                        "K": K,
-                        "M": M,
-                        "nested": nested,
-                        "halfbyte_us": us,
-                        "bnb_us": bnb_us,
-                        "bf16_us": bf16_us,
-                        "gbs": nbytes / us / 1e3,
-                        "pct_copy": 100 * nbytes / us / 1e3 / copy,
-                        "x_bf16": bf16_us / us,
-                        "x_bnb": bnb_us / us if bnb_us else None,
-                    }
-                    | forced_us
-                )
+                row = layer_row(N, K, M, nbytes, us, bnb_us, bf16_us, copy)
+                rows.append(row | {"nested": nested} | forced_us)
                 print(rows[-1], flush=True)
             del ours, theirs
         del weights
         torch.cuda.empty_cache()
     env = environment() | {"copy_gbs": copy, "bitsandbytes": bnb.__version__ if bnb else None}
-    print(f"\n{env}\n")
-    print("| N x K | M | DQ | halfbyte us | GB/s | % copy | bnb us | bf16 us | x bf16 | x bnb |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        bnb_us = f"{r['bnb_us']:.1f}" if r["bnb_us"] else "-"
-        x_bnb = f"{r['x_bnb']:.2f}" if r["x_bnb"] else "-"
-        print(
-            f"| {r['N']}x{r['K']} | {r['M']} | {'y' if r['nested'] else 'n'} | {r['halfbyte_us']:.1f} | "
-            f"{r['gbs']:.0f} | {r['pct_copy']:.0f}% | {bnb_us} | {r['bf16_us']:.1f} | {r['x_bf16']:.2f} | {x_bnb} |"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
+    report(rows, env, args.json, before=[("DQ", lambda r: "y" if r["nested"] else "n")])
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ and int8 activations above 16 rows: about 1e-2 is expected), a check that the ke
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from functools import partial
 
 import halfbyte
 import torch
-from timing import bitsandbytes_or_none, copy_bandwidth_gbs, environment, median_us_per_call
+from timing import bitsandbytes_or_none, copy_bandwidth_gbs, environment, layer_row, median_us_per_call, report
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
 
@@ -70,38 +69,12 @@ def main() -> None:
                 bnb_us = median_us_per_call([partial(layer, x) for layer in theirs]) if bnb else None
                 bf16_us = median_us_per_call([partial(torch.nn.functional.linear, x, w) for w in weights[:bf16_copies]])
                 err = relative_error(ours[0](x), torch.nn.functional.linear(x, weights[0]))
-            rows.append(
-                {
-                    "N": N,
-                    "K": K,
-                    "M": M,
-                    "halfbyte_us": us,
-                    "bnb_us": bnb_us,
-                    "bf16_us": bf16_us,
-                    "gbs": nbytes / us / 1e3,
-                    "pct_copy": 100 * nbytes / us / 1e3 / copy,
-                    "x_bf16": bf16_us / us,
-                    "x_bnb": bnb_us / us if bnb_us else None,
-                    "rel_err_vs_bf16": err,
-                }
-            )
+            rows.append(layer_row(N, K, M, nbytes, us, bnb_us, bf16_us, copy) | {"rel_err_vs_bf16": err})
             print(rows[-1], flush=True)
         del ours, theirs, weights
         torch.cuda.empty_cache()
     env = environment() | {"copy_gbs": copy, "bitsandbytes": bnb.__version__ if bnb else None}
-    print(f"\n{env}\n")
-    print("| N x K | M | halfbyte us | GB/s | % copy | bnb us | bf16 us | x bf16 | x bnb | rel err vs bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        bnb_us = f"{r['bnb_us']:.1f}" if r["bnb_us"] else "-"
-        x_bnb = f"{r['x_bnb']:.2f}" if r["x_bnb"] else "-"
-        print(
-            f"| {r['N']}x{r['K']} | {r['M']} | {r['halfbyte_us']:.1f} | {r['gbs']:.0f} | {r['pct_copy']:.0f}% | "
-            f"{bnb_us} | {r['bf16_us']:.1f} | {r['x_bf16']:.2f} | {x_bnb} | {r['rel_err_vs_bf16']:.1e} |"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
+    report(rows, env, args.json, after=[("rel err vs bf16", lambda r: f"{r['rel_err_vs_bf16']:.1e}")])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ library cannot be captured), median of many repeats, and the device-to-device co
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable, Sequence
 
@@ -87,3 +88,42 @@ def bitsandbytes_or_none():
     except Exception as error:  # noqa: BLE001  (any import failure means: run without it, and say so)
         print(f"bitsandbytes not importable ({type(error).__name__}: {error}); its columns are left empty")
         return None
+
+
+def layer_row(N: int, K: int, M: int, nbytes: int, us: float, bnb_us: float | None, bf16_us: float, copy_gbs: float):
+    """One result of a layer benchmark (weight [N, K], M rows): the times, GB/s over `nbytes` moved, percent of
+    the copy rate, and the ratios to torch bf16 and to bitsandbytes (None without bitsandbytes)."""
+    return {
+        "N": N,
+        "K": K,
+        "M": M,
+        "halfbyte_us": us,
+        "bnb_us": bnb_us,
+        "bf16_us": bf16_us,
+        "gbs": nbytes / us / 1e3,
+        "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs,
+        "x_bf16": bf16_us / us,
+        "x_bnb": bnb_us / us if bnb_us else None,
+    }
+
+
+Column = tuple[str, Callable[[dict], str]]
+
+
+def report(rows: list[dict], env: dict, json_path: str | None, before: Sequence[Column] = (), after=()) -> None:
+    """Prints `env` and the markdown table of layer_row results (extra columns `before` the times and `after`
+    the ratios, as (header, format) pairs), and writes {"env", "rows"} to `json_path` when given."""
+    print(f"\n{env}\n")
+    headers = ["N x K", "M", *(h for h, _ in before), "halfbyte us", "GB/s", "% copy", "bnb us", "bf16 us"]
+    headers += ["x bf16", "x bnb", *(h for h, _ in after)]
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for r in rows:
+        cells = [f"{r['N']}x{r['K']}", str(r["M"]), *(fmt(r) for _, fmt in before)]
+        cells += [f"{r['halfbyte_us']:.1f}", f"{r['gbs']:.0f}", f"{r['pct_copy']:.0f}%"]
+        cells += [f"{r['bnb_us']:.1f}" if r["bnb_us"] else "-", f"{r['bf16_us']:.1f}", f"{r['x_bf16']:.2f}"]
+        cells += [f"{r['x_bnb']:.2f}" if r["x_bnb"] else "-", *(fmt(r) for _, fmt in after)]
+        print("| " + " | ".join(cells) + " |")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=2)
