@@ -47,3 +47,23 @@ def assert_same_values(actual: torch.Tensor, expected: torch.Tensor, what: str =
 def random_tensor(shape, dtype, device="cpu", seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+
+def assert_graph_and_compile_equal_eager(call, x: torch.Tensor) -> None:
+    """`call(x)` captured in a CUDA graph and compiled with torch.compile(fullgraph=True,
+    mode="reduce-overhead") gives the eager result bit for bit."""
+    eager = call(x)
+    static_x = x.clone()
+    call(static_x)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = call(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_bits(static_out, eager, "CUDA graph")
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        result = compiled(x)
+    assert_same_bits(result, eager, "torch.compile")

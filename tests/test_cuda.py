@@ -6,7 +6,7 @@ import halfbyte
 import halfbyte.functional as F
 import pytest
 import torch
-from conftest import assert_same_bits, assert_same_values, random_tensor
+from conftest import assert_graph_and_compile_equal_eager, assert_same_bits, assert_same_values, random_tensor
 
 pytestmark = pytest.mark.cuda
 
@@ -70,23 +70,7 @@ def test_matmul_capture_and_compile_reduce_overhead(M):
     W = random_tensor((512, 1024), torch.bfloat16, "cuda")
     packed, state = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
     x = random_tensor((M, 1024), torch.bfloat16, "cuda", seed=M)
-    eager = halfbyte.matmul_4bit(x, packed.t(), state)
-    graph = torch.cuda.CUDAGraph()
-    static_x = x.clone()
-    halfbyte.matmul_4bit(static_x, packed.t(), state)
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
-        static_out = halfbyte.matmul_4bit(static_x, packed.t(), state)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_same_bits(static_out, eager)
-    torch._dynamo.reset()
-    compiled = torch.compile(
-        lambda a: halfbyte.matmul_4bit(a, packed.t(), state), fullgraph=True, mode="reduce-overhead"
-    )
-    for _ in range(3):
-        result = compiled(x)
-    assert_same_bits(result, eager)
+    assert_graph_and_compile_equal_eager(lambda a: halfbyte.matmul_4bit(a, packed.t(), state), x)
 
 
 def test_ops_run_on_the_current_stream():

@@ -13,7 +13,7 @@ import halfbyte
 import halfbyte.functional as F
 import pytest
 import torch
-from conftest import assert_same_bits, random_tensor
+from conftest import assert_graph_and_compile_equal_eager, assert_same_bits, random_tensor
 from test_matmul import TOLERANCE, _reference, relative_error
 
 pytestmark = pytest.mark.cuda
@@ -143,20 +143,4 @@ def test_cuda_graph_and_compile_equal_eager(M, kernel):
 def _graph_and_compile_equal_eager(M):
     packed, state = _weight(2048, 1024, 64, "nf4", True, seed=M)
     x = random_tensor((M, 1024), torch.bfloat16, "cuda", seed=M)
-    eager = halfbyte.matmul_4bit(x, packed.t(), state)
-    static_x = x.clone()
-    halfbyte.matmul_4bit(static_x, packed.t(), state)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = halfbyte.matmul_4bit(static_x, packed.t(), state)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_same_bits(static_out, eager)
-    torch._dynamo.reset()
-    compiled = torch.compile(
-        lambda a: halfbyte.matmul_4bit(a, packed.t(), state), fullgraph=True, mode="reduce-overhead"
-    )
-    for _ in range(3):
-        result = compiled(x)
-    assert_same_bits(result, eager)
+    assert_graph_and_compile_equal_eager(lambda a: halfbyte.matmul_4bit(a, packed.t(), state), x)
