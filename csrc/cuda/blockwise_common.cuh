@@ -29,6 +29,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "device_attributes.cuh"
 #include "halfbyte/codebooks.h"
 #include "halfbyte/float_types.h"
 
@@ -63,12 +64,7 @@ inline unsigned grid_blocks(int64_t n, int64_t tile_elements) {
   return static_cast<unsigned>(std::min(tile_count(n, tile_elements), kMaxGridBlocks));
 }
 
-// log2 of a power-of-two blocksize.
-inline int log2_of(int64_t blocksize) {
-  int log2 = 0;
-  while ((int64_t{1} << log2) < blocksize) ++log2;
-  return log2;
-}
+using host::log2_of;  // log2 of a power-of-two blocksize
 
 inline bool is_aligned(const void* pointer, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;

@@ -67,6 +67,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "device_attributes.cuh"
 #include "halfbyte/cuda_kernels.h"
 
 namespace halfbyte::cuda {
@@ -84,7 +85,7 @@ constexpr int kMmaRows = 32;      // rows of W per block (two 16-row MMA tiles p
 constexpr int kMmaMaxM = 16;      // rows of A per launch (two 8-column MMA tiles)
 constexpr int kTableMinRows = 2;  // fewer rows of 16-bit A take the FFMA kernel
 
-constexpr int kMaxDevices = 64;  // devices whose resident block counts are remembered
+using host::kMaxDevices;
 
 constexpr int kGenericWarps = 8;
 constexpr int kGenericRowsOfA = 8;
@@ -1117,29 +1118,12 @@ __global__ void __launch_bounds__(kGenericWarps * 32) gemm_4bit_generic_kernel(c
 
 // ---- launch ------------------------------------------------------------------------------------
 
-int log2_exact(int64_t x) {
-  int r = 0;
-  while ((int64_t{1} << r) < x) ++r;
-  return r;
-}
-
-// Whether the current device runs programmatic dependent launches (sm_90 or newer), asked once per device.
+// Whether the current device runs programmatic dependent launches (sm_90 or newer).
 cudaError_t device_has_dependent_launch(bool& has) {
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: no, 2: yes
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  int state = known[device].load(std::memory_order_relaxed);
-  if (state == 0) {
-    int major = 0;
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (err != cudaSuccess) return err;
-    state = major >= 9 ? 2 : 1;
-    known[device].store(state, std::memory_order_relaxed);
-  }
-  has = state == 2;
-  return cudaSuccess;
+  int major = 0;
+  const cudaError_t err = host::device_attribute<cudaDevAttrComputeCapabilityMajor>(major);
+  has = major >= 9;
+  return err;
 }
 
 // Launches a kernel that orders itself after the previous kernel with wait_for_prior_grids(), allowing
@@ -1373,7 +1357,7 @@ cudaError_t gemm_4bit(const void* A, DType dtype, int64_t M, int64_t K, int64_t 
   args.packed = packed;
   args.scales = scales;
   args.table = table;
-  args.log2_blocksize = log2_exact(blocksize);
+  args.log2_blocksize = host::log2_of(blocksize);
   args.bias = bias;
   args.out = out;
   switch (dtype) {

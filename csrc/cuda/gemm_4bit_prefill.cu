@@ -55,6 +55,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "device_attributes.cuh"
 #include "halfbyte/cuda_kernels.h"
 #include "mma_sync.cuh"
 
@@ -71,7 +72,7 @@ constexpr int kWarpsM = 2;       // warps along the rows of A
 constexpr int kBN = 128;         // rows of W per block (mma.sync kernel)
 constexpr int kWgmmaRows = 128;  // rows of W per block (wgmma kernel)
 constexpr int kBK = 64;          // elements of K per pipeline stage
-constexpr int kMaxDevices = 64;
+using host::kMaxDevices;
 
 template <int kBM, int kRowsW = kBN>
 struct Tile {
@@ -623,31 +624,7 @@ __global__ void __launch_bounds__(256) gemm_4bit_reduce_kernel(const float* part
 
 // ---- host side ------------------------------------------------------------------------------------
 
-// An attribute of the current device, asked once per device and attribute slot.
-template <cudaDeviceAttr kAttribute>
-cudaError_t device_attribute(int& value) {
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet (every attribute used here is > 0)
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  int v = known[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    err = cudaDeviceGetAttribute(&v, kAttribute, device);
-    if (err != cudaSuccess) return err;
-    known[device].store(v, std::memory_order_relaxed);
-  }
-  value = v;
-  return cudaSuccess;
-}
-
-cudaError_t sm_count(int& count) { return device_attribute<cudaDevAttrMultiProcessorCount>(count); }
-
-int log2_exact(int64_t x) {
-  int r = 0;
-  while ((int64_t{1} << r) < x) ++r;
-  return r;
-}
+cudaError_t sm_count(int& count) { return host::device_attribute<cudaDevAttrMultiProcessorCount>(count); }
 
 // Launches kKernel with kSmem bytes of dynamic shared memory, raising its limit once per device.
 template <auto kKernel, int kThreadsPerBlock, int kSmem>
@@ -719,8 +696,8 @@ bool gemm_4bit_prefill_supported(DType dtype, int64_t M, int64_t N, int64_t K, i
 bool gemm_4bit_prefill_has_wgmma() {
 #if defined(HALFBYTE_HAS_SM90A)
   int major = 0, minor = 0;
-  return device_attribute<cudaDevAttrComputeCapabilityMajor>(major) == cudaSuccess &&
-         device_attribute<cudaDevAttrComputeCapabilityMinor>(minor) == cudaSuccess && major == 9 &&
+  return host::device_attribute<cudaDevAttrComputeCapabilityMajor>(major) == cudaSuccess &&
+         host::device_attribute<cudaDevAttrComputeCapabilityMinor>(minor) == cudaSuccess && major == 9 &&
          minor == 0;
 #else
   return false;
@@ -774,7 +751,7 @@ cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, 
   args.packed = packed;
   args.scales = scales;
   args.table = table;
-  args.log2_blocksize = log2_exact(blocksize);
+  args.log2_blocksize = host::log2_of(blocksize);
   args.blocks = (N * K + blocksize - 1) / blocksize;
   args.bias = bias;
   args.out = out;

@@ -42,6 +42,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "device_attributes.cuh"
 #include "halfbyte/int8_cuda_kernels.h"
 #include "mma_sync.cuh"
 
@@ -52,7 +53,6 @@ constexpr int kF16 = static_cast<int>(DType::kFloat16);
 constexpr int kBF16 = static_cast<int>(DType::kBFloat16);
 constexpr int kMaxWarps = 16;
 constexpr int kSegment = 64;  // columns of K per segment: 4 lanes x 16 bytes
-constexpr int kMaxDevices = 64;
 
 struct WeightOnlyArgs {
   const unsigned short* A;  // [M, K], row stride lda
@@ -256,18 +256,10 @@ struct DeviceInfo {
 };
 
 DeviceInfo device_info() {
-  static std::atomic<int> sms[kMaxDevices];
-  static std::atomic<int> major[kMaxDevices];
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return {};
-  DeviceInfo info{sms[device].load(std::memory_order_relaxed), major[device].load(std::memory_order_relaxed)};
-  if (info.sms == 0) {
-    if (cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-      return {};
-    }
-    major[device].store(info.major, std::memory_order_relaxed);
-    sms[device].store(info.sms, std::memory_order_relaxed);
+  DeviceInfo info;
+  if (host::device_attribute<cudaDevAttrMultiProcessorCount>(info.sms) != cudaSuccess ||
+      host::device_attribute<cudaDevAttrComputeCapabilityMajor>(info.major) != cudaSuccess) {
+    return {};
   }
   return info;
 }
