@@ -227,3 +227,45 @@ def test_serialized_tables_never_share_memory():
     pointers = [t.untyped_storage().data_ptr() for d in (da, db) for t in d.values()]
     assert len(pointers) == len(set(pointers))
     assert torch.equal(da["quant_map"], a.code) and torch.equal(da["nested_quant_map"], a.state2.code)
+
+
+# ---- the kernels' cached view of a QuantState (functional.kernel_inputs) ----------------------------------
+
+
+def test_kernel_inputs_are_cached_and_match_the_fields():
+    _, state = _state(nested=True)
+    inputs = F.kernel_inputs(state)
+    assert F.kernel_inputs(state) is inputs  # one dict per state, reused
+    assert inputs["shape"] == list(state.shape) and inputs["blocksize"] == state.blocksize
+    assert inputs["quant_type"] == state.quant_type
+    assert inputs["absmax"] is state.absmax and inputs["offset"] is state.offset
+    assert inputs["nested"]["absmax"] is state.state2.absmax and inputs["nested"]["code"] is state.state2.code
+    _, plain = _state(nested=False)
+    assert F.kernel_inputs(plain)["nested"] is None and F.kernel_inputs(plain)["absmax"] is plain.absmax
+
+
+@pytest.mark.parametrize("change", ["field", "nested field", "to"])
+def test_kernel_inputs_follow_every_change_of_the_state(change):
+    _, state = _state(nested=True)
+    inputs = F.kernel_inputs(state)
+    if change == "field":
+        state.absmax = state.absmax.clone()
+    elif change == "nested field":
+        state.state2.absmax = state.state2.absmax * 2
+    else:
+        state.to("cpu")  # QuantState.to replaces the tensors, even on the same device
+    assert not inputs or not inputs["nested"]  # the old dict (what a compiled graph holds) was emptied in place
+    fresh = F.kernel_inputs(state)
+    assert fresh["absmax"] is state.absmax and fresh["nested"]["absmax"] is state.state2.absmax
+
+
+def test_copies_and_pickles_of_a_state_carry_no_kernel_inputs():
+    import copy
+    import pickle
+
+    _, state = _state(nested=True)
+    F.kernel_inputs(state)
+    for duplicate in (copy.copy(state), copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert "_kernel_inputs" not in vars(duplicate)
+        assert duplicate == state
+        assert F.kernel_inputs(duplicate)["absmax"] is duplicate.absmax

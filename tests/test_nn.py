@@ -258,6 +258,84 @@ def test_torch_compile_fullgraph_of_a_linear4bit_model(device):
         torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("eager_first", [False, True], ids=["compiled-first", "eager-first"])
+def test_compiled_linear4bit_follows_changes_of_its_quant_state(device, nested, eager_first):
+    """The traced forward reads the kernel inputs that eager forward links into the module (cheaper guards); a
+    compiled layer must still see every way the weight or its state can change after compilation: a loaded
+    state dict, a field replaced on the QuantState (what QuantState.to does), the nested state's absmax
+    replaced, another QuantState for the same Params4bit, another Params4bit. Eager calls in between relink."""
+    torch._dynamo.reset()
+    layer = quantized_linear(device, N=48, K=128, nested=nested)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    x = random_tensor((3, 128), torch.float32, device)
+    with torch.no_grad():
+        if eager_first:  # as in generate(): the eager prefill links the kernel inputs before the first trace
+            layer(x)
+        outputs = [compiled(x)]
+        torch.testing.assert_close(outputs[-1], layer(x), rtol=0, atol=0)  # same kernel, same inputs
+
+        other = quantized_linear(device, N=48, K=128, nested=nested)
+        other.weight.data.copy_(torch.flip(other.weight.data, [0]))  # different bytes, same shapes
+
+        def replace_absmax():
+            state = layer.weight.quant_state
+            state.absmax = state.absmax.flip(0)
+
+        def replace_nested_absmax():
+            state = layer.weight.quant_state.state2
+            state.absmax = state.absmax * 2
+
+        def distinct_layer(seed):
+            torch.manual_seed(seed)
+            fresh = Linear4bit(128, 48, quant_type="nf4", compress_statistics=nested)
+            return fresh.to(device)
+
+        def another_state_for_the_bytes():  # the same Params4bit gets other bytes and another QuantState
+            fresh = distinct_layer(1)
+            layer.weight.data.copy_(fresh.weight.data)
+            layer.weight.quant_state = fresh.weight.quant_state
+
+        def another_weight():  # a new Params4bit, as accelerate sets it: straight into _parameters
+            layer._parameters["weight"] = copy.deepcopy(distinct_layer(2).weight)
+
+        changes = [lambda: layer.load_state_dict(other.state_dict()), replace_absmax]
+        if nested:
+            changes.append(replace_nested_absmax)
+        changes += [another_state_for_the_bytes, another_weight]
+        for change in changes:
+            change()
+            outputs.append(compiled(x))
+            torch.testing.assert_close(outputs[-1], layer(x), rtol=0, atol=0)
+            assert not torch.equal(outputs[-1], outputs[-2])
+
+
+def test_a_replaced_weight_is_not_kept_alive_by_the_layer():
+    import gc
+    import weakref
+
+    layer = quantized_linear("cpu")
+    layer(torch.randn(2, 128))  # links the kernel inputs for the compiled forward
+    old = weakref.ref(layer.weight)
+    layer._parameters["weight"] = copy.deepcopy(layer.weight)  # how accelerate swaps weights (offloading)
+    gc.collect()
+    assert old() is None
+    layer(torch.randn(2, 128))
+    assert pickle.loads(pickle.dumps(layer)).weight.quant_state == layer.weight.quant_state  # the link is not pickled
+
+
+def test_compiled_linear4bit_raises_the_eager_errors():
+    torch._dynamo.reset()
+    layer = quantized_linear("cpu", N=48, K=128)
+    with pytest.raises(Exception, match="in_features=128"):
+        torch.compile(layer, fullgraph=True, backend="eager")(torch.randn(2, 64))
+    torch._dynamo.reset()
+    unquantized = Linear4bit(128, 48, quant_type="nf4")
+    with pytest.raises(Exception, match="not quantized yet"):
+        torch.compile(unquantized, fullgraph=True, backend="eager")(torch.randn(2, 128))
+
+
 # ---- state dicts -------------------------------------------------------------------------------------
 
 

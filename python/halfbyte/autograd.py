@@ -17,8 +17,28 @@ from .quant_state import QuantState
 
 def gemm_4bit_args(B: torch.Tensor, quant_state: QuantState) -> tuple:
     """(B, shapeB, absmax, blocksize, quant_type) and the nested keyword arguments of gemm_4bit."""
-    absmax, nested = F._scale_args(quant_state)
-    return (B.reshape(-1, 1), list(quant_state.shape), absmax, quant_state.blocksize, quant_state.quant_type), nested
+    return _args_from_inputs(B, F.kernel_inputs(quant_state))
+
+
+def _args_from_inputs(B: torch.Tensor, inputs: dict) -> tuple:
+    nested = inputs["nested"]
+    if nested is None:
+        args, kwargs = inputs["absmax"], {}
+    else:
+        args = nested["absmax"]
+        kwargs = {"absmax_8bit": inputs["absmax"], "absmax_code": nested["code"], "absmax_offset": inputs["offset"]}
+    return (B.reshape(-1, 1), inputs["shape"], args, inputs["blocksize"], inputs["quant_type"]), kwargs
+
+
+def gemm_4bit_from_inputs(A: torch.Tensor, B: torch.Tensor, inputs: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    """The fused op on ``functional.kernel_inputs`` of B's state (B stored as [N, K], A of shape [..., K])."""
+    args, kwargs = _args_from_inputs(B, inputs)
+    if torch.compiler.is_compiling() or _needs_gradient(A, bias):
+        return torch.ops.halfbyte.gemm_4bit(A, *args, bias=bias, **kwargs)
+    # Inference: no gradient can flow, so call the kernel below the autograd key. This skips the op's Python
+    # autograd wrapper, a host cost paid on every layer call of eager decoding.
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.halfbyte.gemm_4bit.default(A, *args, bias=bias, **kwargs)
 
 
 def _needs_gradient(A: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -40,28 +60,23 @@ def matmul_4bit(
         raise ValueError("matmul_4bit: quant_state is required")
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"matmul_4bit: quant_state must be a QuantState, got {type(quant_state).__name__}")
-    if quant_state.shape is None or len(quant_state.shape) != 2:
-        raise ValueError(f"matmul_4bit: quant_state.shape must be [N, K], got {quant_state.shape}")
-    N, K = quant_state.shape
+    inputs = F.kernel_inputs(quant_state)
+    shape = inputs["shape"]
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"matmul_4bit: quant_state.shape must be [N, K], got {shape}")
+    N, K = shape
     if A.shape[-1] == N and N != K:
         # A weight quantized from its [K, N] transpose (old bitsandbytes code): still correct, not fused.
         if not torch.compiler.is_compiling():
             warnings.warn(
-                f"matmul_4bit: weight was quantized as [K, N] = {list(quant_state.shape)}; quantize the "
+                f"matmul_4bit: weight was quantized as [K, N] = {list(shape)}; quantize the "
                 "[out_features, in_features] weight instead for the fused kernel",
                 stacklevel=2,
             )
         weight = F.dequantize_4bit(B.reshape(-1, 1), quant_state).to(A.dtype)
         result = torch.nn.functional.linear(A, weight.t(), bias)
     else:
-        args, nested = gemm_4bit_args(B, quant_state)
-        if torch.compiler.is_compiling() or _needs_gradient(A, bias):
-            result = torch.ops.halfbyte.gemm_4bit(A, *args, bias=bias, **nested)
-        else:
-            # Inference: no gradient can flow, so call the kernel below the autograd key. This skips the op's
-            # Python autograd wrapper, a host cost paid on every layer call of eager decoding.
-            with torch._C._AutoDispatchBelowAutograd():
-                result = torch.ops.halfbyte.gemm_4bit.default(A, *args, bias=bias, **nested)
+        result = gemm_4bit_from_inputs(A, B, inputs, bias)
     if out is not None:
         return out.copy_(result)
     return result

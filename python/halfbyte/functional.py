@@ -9,6 +9,7 @@ byte-identical to bitsandbytes' CUDA kernels (shared/COMPAT.md). Bad arguments r
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -120,17 +121,52 @@ def quantize_blockwise(
     return codes, state
 
 
+def kernel_inputs(state: QuantState) -> dict[str, Any]:
+    """What the 4-bit ops read from a QuantState, as one dict cached on the state (see QuantState's notes).
+
+    Keys: ``shape`` ([N, K] list or None), ``absmax``, ``blocksize``, ``quant_type``, ``offset``, and ``nested``:
+    None, or the nested state's own dict {``absmax``, ``code``}. Built on first use outside torch.compile;
+    while tracing, a missing or emptied cache is read afresh from the fields (correct, with more guards)."""
+    fields = vars(state)
+    cached = fields.get("_kernel_inputs")
+    if cached and (cached["nested"] is None or cached["nested"]):
+        return cached
+    nested_state = fields["state2"]
+    nested = None
+    if nested_state is not None:
+        nested_fields = vars(nested_state)
+        if nested_fields["blocksize"] != NESTED_BLOCKSIZE:
+            raise ValueError(f"double quantization must use blocks of 256, got {nested_fields['blocksize']}")
+        nested = nested_fields.get("_kernel_inputs_nested")
+        if not nested:
+            nested = {"absmax": nested_fields["absmax"], "code": nested_fields["code"]}
+    shape = fields["shape"]
+    built = {
+        "shape": None if shape is None else list(shape),
+        "absmax": fields["absmax"],
+        "blocksize": fields["blocksize"],
+        "quant_type": fields["quant_type"],
+        "offset": fields["offset"],
+        "nested": nested,
+    }
+    if not torch.compiler.is_compiling():  # no cache writes while tracing
+        if nested_state is not None:
+            object.__setattr__(nested_state, "_kernel_inputs_nested", nested)
+        object.__setattr__(state, "_kernel_inputs", built)
+    return built
+
+
 def _scale_args(state: QuantState) -> tuple[torch.Tensor, dict]:
     """(absmax, nested keyword arguments) of the 4-bit ops: double-quantized scales are passed as they are
     stored (uint8 codes, nested absmax, code, offset) and resolved inside the kernels."""
-    if not state.nested:
-        return state.absmax, {}
-    if state.state2.blocksize != NESTED_BLOCKSIZE:
-        raise ValueError(f"double quantization must use blocks of 256, got {state.state2.blocksize}")
-    return state.state2.absmax, {
-        "absmax_8bit": state.absmax,
-        "absmax_code": state.state2.code,
-        "absmax_offset": state.offset,
+    inputs = kernel_inputs(state)
+    nested = inputs["nested"]
+    if nested is None:
+        return inputs["absmax"], {}
+    return nested["absmax"], {
+        "absmax_8bit": inputs["absmax"],
+        "absmax_code": nested["code"],
+        "absmax_offset": inputs["offset"],
     }
 
 

@@ -19,6 +19,7 @@ _VALID_KEYS = {
     "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset",
 }  # fmt: skip
 _REQUIRED_KEYS = ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape")
+_KERNEL_INPUT_KEYS = ("_kernel_inputs", "_kernel_inputs_nested")  # caches of functional.kernel_inputs
 _REQUIRED_NESTED_KEYS = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
 
 
@@ -88,6 +89,32 @@ class QuantState:
     @property
     def nested(self) -> bool:
         return self.state2 is not None
+
+    # ---- the kernels' view of the state (functional.kernel_inputs) ------------------------------------------
+    #
+    # A dict of the tensors and values the 4-bit ops read, kept in ``__dict__["_kernel_inputs"]``. A compiled
+    # model reads a layer's state through it (nn/linear4bit.py links it into the module): torch.compile checks
+    # its guards on every object the traced code read before each call, dict lookups are the cheapest reads
+    # (tensors found in an unchanged dict are not re-checked), and with 224 layers reading the state as
+    # attributes made that check take 3 ms of each decode step (benchmarks/README.md, issue 7).
+    # Setting any attribute empties the dict in place, so a compiled graph reading it fails its guards and is
+    # traced again; a nested state's dict (``_kernel_inputs_nested``: its absmax and code) is shared with the
+    # states that nest it, so changing the nested state empties their view of it too.
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name not in _KERNEL_INPUT_KEYS:
+            for key in _KERNEL_INPUT_KEYS:
+                cached = self.__dict__.get(key)
+                if cached:
+                    cached.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the caches are rebuilt on first use; copies and pickles carry only the fields
+        return {k: v for k, v in self.__dict__.items() if k not in _KERNEL_INPUT_KEYS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __getattr__(self, name: str):
         # FSDP resolves the packed key "quant_state.bitsandbytes__nf4" through getattr.

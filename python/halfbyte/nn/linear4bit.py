@@ -13,11 +13,13 @@ input, and the bias parameter is not cast in place.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from torch import nn
 
-from ..autograd import matmul_4bit
+from .. import functional as F
+from ..autograd import gemm_4bit_from_inputs, matmul_4bit
 from .params4bit import Params4bit
 from .quantized_state_dict import QuantizedWeightStateDict
 
@@ -61,6 +63,63 @@ def ensure_quant_state(module: nn.Module) -> None:
             compress_statistics=state.nested, module=module, bnb_quantized=True,
         )  # fmt: skip
     module.weight.quant_state = state
+
+
+def _link_kernel_inputs(module: nn.Module, weight: torch.Tensor, state) -> dict:
+    """``functional.kernel_inputs`` of the weight's state, also kept in the module's ``__dict__`` with a weak
+    reference to the weight it belongs to (a replaced weight is neither used nor kept alive); returns it."""
+    inputs = F.kernel_inputs(state)
+    fields = module.__dict__
+    linked = fields.get(_LINKED_WEIGHT)
+    if fields.get(_LINKED_INPUTS) is not inputs or linked is None or linked() is not weight:
+        fields[_LINKED_INPUTS] = inputs
+        fields[_LINKED_WEIGHT] = weakref.ref(weight)
+    return inputs
+
+
+_LINKED_INPUTS = "_kernel_inputs"
+_LINKED_WEIGHT = "_kernel_inputs_weight"
+
+
+def _forward_traced(self: Linear4bit, x: torch.Tensor) -> torch.Tensor:
+    """forward as torch.compile traces it: the same result, reading as few objects as it can.
+
+    Every object the traced code reads is re-checked by a guard before each call of the compiled model, and
+    with 224 layers those checks cost milliseconds per decode step (benchmarks/README.md, issue 7). The
+    cheapest reads are dict lookups from the module: the weight in ``_parameters`` and the kernel inputs that
+    the eager forward linked into the module's ``__dict__`` (the QuantState's own cached dict, emptied in place
+    whenever the state changes or the weight gets another state). That path is taken when the link is there,
+    belongs to this weight and is not emptied; otherwise the weight's QuantState is read, as in eager, with
+    more guards. The float32 warning is skipped (it never fires under compile)."""
+    fields = self.__dict__
+    weight = self._parameters["weight"]
+    inputs = fields.get(_LINKED_INPUTS)
+    linked = fields.get(_LINKED_WEIGHT)
+    if not (inputs and linked is not None and linked() is weight and (inputs["nested"] is None or inputs["nested"])):
+        state = weight.quant_state if isinstance(weight, Params4bit) else None
+        if state is None:
+            ensure_quant_state(self)  # raises the clear error, or repairs an FSDP-flattened weight
+            weight, state = self.weight, self.weight.quant_state
+        inputs = F.kernel_inputs(state)
+    return _matmul(self, x, weight, inputs)
+
+
+def _matmul(self: Linear4bit, x: torch.Tensor, weight: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The rest of forward, eager and traced: checks, compute dtype, the fused op, the cast back."""
+    if x.shape[-1] != self.in_features:
+        raise ValueError(
+            f"Linear4bit: input has {x.shape[-1]} features in its last dimension (shape {list(x.shape)}), the "
+            f"layer expects in_features={self.in_features}"
+        )
+    input_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    bias = self._parameters["bias"]
+    bias = None if bias is None else bias.to(x.dtype)
+    N, K = inputs["shape"]
+    if x.shape[-1] == N and N != K:  # a state of the [K, N] transpose: matmul_4bit's unfused path, with its warning
+        return matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias).to(input_dtype)
+    return gemm_4bit_from_inputs(x, weight, inputs, bias).to(input_dtype)
 
 
 class Linear4bit(QuantizedWeightStateDict, nn.Linear):
@@ -118,18 +177,16 @@ class Linear4bit(QuantizedWeightStateDict, nn.Linear):
         _warn_slow_compute_dtype_once(x, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _forward_traced(self, x)
         ensure_quant_state(self)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"Linear4bit: input has {x.shape[-1]} features in its last dimension (shape {list(x.shape)}), the "
-                f"layer expects in_features={self.in_features}"
-            )
         self.set_compute_type(x)
-        input_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return matmul_4bit(x, self.weight, quant_state=self.weight.quant_state, bias=bias).to(input_dtype)
+        weight = self.weight
+        return _matmul(self, x, weight, _link_kernel_inputs(self, weight, weight.quant_state))
+
+    def __getstate__(self) -> dict:
+        # copies and pickles drop the link to the kernel inputs; the copy links its own on its first forward
+        return {k: v for k, v in self.__dict__.items() if k not in (_LINKED_INPUTS, _LINKED_WEIGHT)}
 
     def extra_repr(self) -> str:
         weight = self.weight

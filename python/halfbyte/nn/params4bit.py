@@ -77,6 +77,16 @@ class Params4bit(QuantizedParameter):
         self.module = module
         return self
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "quant_state":
+            # Another state for these bytes: empty the old state's cached kernel inputs (functional.kernel_inputs)
+            # in place, since a module may still hold them for its compiled forward (nn/linear4bit.py).
+            old = self.__dict__.get("quant_state")
+            cached = None if old is None or old is value else old.__dict__.get("_kernel_inputs")
+            if cached:
+                cached.clear()
+        super().__setattr__(name, value)
+
     # ---- construction from a checkpoint ---------------------------------------------------------------
 
     @classmethod
