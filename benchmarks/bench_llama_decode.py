@@ -16,6 +16,10 @@ measures, in one process:
   quantizer says it is compileable, which bitsandbytes' does not). Decode speed is
   (N - 1) / (time to generate N tokens - time to generate 1 token): prefill excluded.
 
+With ``--eager-rounds R``, each halfbyte variant and its bitsandbytes counterpart are then loaded together and
+their eager decode is measured alternately R times (the eager columns above come from one library after the
+other, and the GPU machine's host speed drifts between such runs by more than the libraries differ).
+
 Variants, in groups chosen with ``--variants`` (default ``nf4,int8,nf4-lm-head``), measured in this order:
 
 - ``nf4``: halfbyte NF4 + double quantization (lm_head bf16), bitsandbytes the same;
@@ -35,7 +39,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -220,6 +226,32 @@ def measure(name, library, quantization_config, folder: Path, config, args, firs
     return row
 
 
+def interleaved_eager(pairs, folder: Path, config, args) -> dict[str, list[float]]:
+    """Eager tokens/s of each variant of `pairs` [(name, library, quantization_config)], all loaded at once and
+    measured in turn, ``--eager-rounds`` times: the host's speed drifts between rounds by more than the
+    libraries differ, so only measurements taken alternately in one process compare them."""
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+    for name, _, quantization_config in pairs:
+        models[name] = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quantization_config, dtype=torch.bfloat16, device_map={"": args.device}
+        )
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=generator).to(args.device)
+    for model in models.values():  # warm-up at the full length (attention plans, allocator)
+        timed_generate(model, prompt, args.new_tokens, args.device)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.eager_rounds):
+        for name, model in models.items():
+            rates[name].append(decode_tokens_per_second(model, prompt, args.new_tokens, args.device, repeats=2)[0])
+    del models
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return rates
+
+
 def environment(device: str) -> dict:
     import halfbyte
     import transformers
@@ -253,6 +285,18 @@ def format_speedups(rows: list[dict]) -> str:
         if theirs and theirs["eager_tokens_per_s"] > 0:
             ratio = row["eager_tokens_per_s"] / theirs["eager_tokens_per_s"]
             lines.append(f"{row['variant']}: eager decode {ratio:.2f}x bitsandbytes'")
+        if row.get("eager_interleaved") and theirs and theirs.get("eager_interleaved"):
+            pairs = [(a, b) for a, b in zip(row["eager_interleaved"], theirs["eager_interleaved"], strict=True)]
+            pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b) and b > 0]  # nan: too short
+            if not pairs:
+                continue
+            ours, them = [a for a, _ in pairs], [b for _, b in pairs]
+            ratios = sorted(a / b for a, b in pairs)
+            lines.append(
+                f"{row['variant']}: eager decode measured alternately, {len(ratios)} rounds: median "
+                f"{statistics.median(ours):.1f} vs {statistics.median(them):.1f} tokens/s, per-round ratio "
+                f"{ratios[0]:.2f}-{ratios[-1]:.2f}x (median {statistics.median(ratios):.2f}x)"
+            )
     return "\n".join(lines)
 
 
@@ -296,6 +340,11 @@ def main() -> int:
         help="finish within this many s of the start (checkpoint build included; default 540, for a 600 s call): "
         "skip a variant that the time left cannot hold; 0 for no limit",
     )  # fmt: skip
+    parser.add_argument(
+        "--eager-rounds", type=int, default=0,
+        help="after the variants, load each halfbyte variant with its bitsandbytes counterpart together and measure "
+        "their eager decode alternately this many rounds (the fair eager comparison on a drifting host); 0: off",
+    )  # fmt: skip
     parser.add_argument("--json", help="write the results here (after every variant)")
     args = parser.parse_args()
     script_started = time.perf_counter()
@@ -329,6 +378,20 @@ def main() -> int:
         report["rows"].append(measure(name, library, quantization_config, folder, config, args, first=index == 0))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.eager_rounds > 0 and time.perf_counter() > args.deadline:
+        print("  interleaved eager: skipped (no time left of --budget-s/--deadline-s)")
+    elif args.eager_rounds > 0:
+        chosen = {name: (name, library, qc) for name, library, qc in variants(args)}
+        measured = {row["variant"]: row for row in report["rows"]}
+        for name, (_, library, _) in chosen.items():
+            theirs = name.replace("halfbyte", "bitsandbytes", 1)
+            if library != "halfbyte" or theirs not in chosen or name not in measured or theirs not in measured:
+                continue
+            rates = interleaved_eager([chosen[name], chosen[theirs]], folder, config, args)
+            measured[name]["eager_interleaved"], measured[theirs]["eager_interleaved"] = rates[name], rates[theirs]
+            print(f"  interleaved eager: {name} {rates[name]}, {theirs} {rates[theirs]}", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2))
     report["total_s"] = time.perf_counter() - script_started
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
