@@ -69,6 +69,7 @@
 
 #include "device_attributes.cuh"
 #include "halfbyte/cuda_kernels.h"
+#include "mma_sync.cuh"
 
 namespace halfbyte::cuda {
 namespace {
@@ -501,14 +502,6 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kDType, kMT>())
 
 // ---- tensor cores: pieces shared by the two MMA kernels ------------------------------------------
 
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                               uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // The activation operand of one k-step for one 8-row tile of A: b0 holds k-slots (2q, 2q+1) and b1
 // k-slots (2q+8, 2q+9) of row g, as 16-bit pairs. float16 A is split exactly into bf16 hi + lo.
 template <int kDType>
@@ -531,9 +524,9 @@ struct ActFragment {
 template <int kDType>
 __device__ __forceinline__ void mma_weight_pair(float (&d)[4], const uint32_t (&w_hi)[4],
                                                 const uint32_t (&w_lo)[4], const ActFragment<kDType>& a) {
-  mma_bf16_16816(d, w_hi, a.hi0, a.hi1);
-  mma_bf16_16816(d, w_lo, a.hi0, a.hi1);
-  if constexpr (kDType == kF16) mma_bf16_16816(d, w_hi, a.lo0, a.lo1);
+  mma::m16n8k16<true>(d, w_hi, a.hi0, a.hi1);
+  mma::m16n8k16<true>(d, w_lo, a.hi0, a.hi1);
+  if constexpr (kDType == kF16) mma::m16n8k16<true>(d, w_hi, a.lo0, a.lo1);
 }
 
 // Sums the accumulators of the warps that split K over each row of a block tile, writes out (+ bias)
@@ -633,14 +626,7 @@ __device__ __forceinline__ void compute_chunk_group(const GemmArgs& args, int64_
     a_chunk[nt] = static_cast<const unsigned short*>(args.A) + (n * args.lda + c * 32);
   }
   float d[2][kNT][4];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) d[mt][nt][i] = 0.0f;
-    }
-  }
+  mma::zero(d);
 #pragma unroll
   for (int t = 0; t < 8; ++t) {
     uint4 av[kNT];
@@ -694,14 +680,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, (mma_min_blocks<kDType, kNT>()
   const int64_t ngroups = (nchunks + 3) >> 2;
 
   float acc[2][kNT][4];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
-    }
-  }
+  mma::zero(acc);
 
   // Software pipeline: the next group's weights are in flight while this group is computed.
   const int64_t e_row = (row0 + g) * args.K;
@@ -976,14 +955,7 @@ __global__ void __launch_bounds__(kWarps * 32, (mma_min_blocks<kDType, kNT>() * 
     a_row[nt] = static_cast<const unsigned short*>(args.A) + n * args.lda;
   }
   float acc[2][kNT][4];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
-    }
-  }
+  mma::zero(acc);
 
   // The load cursor runs one chunk ahead of the compute cursor: after computing pair p of a chunk, a
   // warp loads pair p of its next chunk (possibly of its next tile) in its place, and it loads the next

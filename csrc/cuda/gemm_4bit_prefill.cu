@@ -321,14 +321,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const Pr
   }
 
   float acc[2][kNT][4];
-#pragma unroll
-  for (int t = 0; t < 2; ++t) {
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[t][j][i] = 0.0f;
-    }
-  }
+  mma::zero(acc);
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {

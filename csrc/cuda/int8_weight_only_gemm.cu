@@ -181,14 +181,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) int8_weight_only_mma_kernel(co
   };
 
   float acc[kMT][kNT][4];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
-    }
-  }
+  mma::zero(acc);
 
   auto multiply = [&](const Segment<kMT, kNT>& s) {
 #pragma unroll
