@@ -129,7 +129,7 @@ def kernel_inputs(state: QuantState) -> dict[str, Any]:
     while tracing, a missing or emptied cache is read afresh from the fields (correct, with more guards)."""
     fields = vars(state)
     cached = fields.get("_kernel_inputs")
-    if cached and (cached["nested"] is None or cached["nested"]):
+    if kernel_inputs_intact(cached):
         return cached
     nested_state = fields["state2"]
     nested = None
@@ -154,6 +154,12 @@ def kernel_inputs(state: QuantState) -> dict[str, Any]:
             object.__setattr__(nested_state, "_kernel_inputs_nested", nested)
         object.__setattr__(state, "_kernel_inputs", built)
     return built
+
+
+def kernel_inputs_intact(inputs: dict[str, Any] | None) -> bool:
+    """Whether a dict from ``kernel_inputs`` is still whole: neither it nor its nested part was emptied by a
+    change of the state since it was built."""
+    return bool(inputs) and (inputs["nested"] is None or bool(inputs["nested"]))
 
 
 def _scale_args(state: QuantState) -> tuple[torch.Tensor, dict]:

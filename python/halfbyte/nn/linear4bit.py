@@ -65,6 +65,10 @@ def ensure_quant_state(module: nn.Module) -> None:
     module.weight.quant_state = state
 
 
+_LINKED_INPUTS = "_kernel_inputs"
+_LINKED_WEIGHT = "_kernel_inputs_weight"
+
+
 def _link_kernel_inputs(module: nn.Module, weight: torch.Tensor, state) -> dict:
     """``functional.kernel_inputs`` of the weight's state, also kept in the module's ``__dict__`` with a weak
     reference to the weight it belongs to (a replaced weight is neither used nor kept alive); returns it."""
@@ -75,10 +79,6 @@ def _link_kernel_inputs(module: nn.Module, weight: torch.Tensor, state) -> dict:
         fields[_LINKED_INPUTS] = inputs
         fields[_LINKED_WEIGHT] = weakref.ref(weight)
     return inputs
-
-
-_LINKED_INPUTS = "_kernel_inputs"
-_LINKED_WEIGHT = "_kernel_inputs_weight"
 
 
 def _forward_traced(self: Linear4bit, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def _forward_traced(self: Linear4bit, x: torch.Tensor) -> torch.Tensor:
     weight = self._parameters["weight"]
     inputs = fields.get(_LINKED_INPUTS)
     linked = fields.get(_LINKED_WEIGHT)
-    if not (inputs and linked is not None and linked() is weight and (inputs["nested"] is None or inputs["nested"])):
+    if not (linked is not None and linked() is weight and F.kernel_inputs_intact(inputs)):
         state = weight.quant_state if isinstance(weight, Params4bit) else None
         if state is None:
             ensure_quant_state(self)  # raises the clear error, or repairs an FSDP-flattened weight
