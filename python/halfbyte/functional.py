@@ -158,8 +158,9 @@ def kernel_inputs(state: QuantState) -> dict[str, Any]:
 
 def kernel_inputs_intact(inputs: dict[str, Any] | None) -> bool:
     """Whether a dict from ``kernel_inputs`` is still whole: neither it nor its nested part was emptied by a
-    change of the state since it was built."""
-    return bool(inputs) and (inputs["nested"] is None or bool(inputs["nested"]))
+    change of the state since it was built. Written with len() rather than bool(): Dynamo before torch 2.13
+    cannot trace bool() of a dict."""
+    return inputs is not None and len(inputs) > 0 and (inputs["nested"] is None or len(inputs["nested"]) > 0)
 
 
 def _scale_args(state: QuantState) -> tuple[torch.Tensor, dict]:
