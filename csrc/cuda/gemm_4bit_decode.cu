@@ -37,7 +37,11 @@
 //   code up with one warp shuffle (lane L holds table[L % 16]; shfl reads only the low 5 bits of
 //   its lane operand, so `word >> (4 * nibble)` is the whole index computation), accumulate
 //   level * a with FFMA and scale once per chunk. Warp reduce-scatter, then 4 warps through shared
-//   memory; bias added in float32.
+//   memory; bias added in float32. Address work per row and step is one wide multiply-add (32-bit
+//   row offsets); for M = 1 with aligned 16-bit A (the decode case) the last block of rows overlaps
+//   the one before instead of checking rows, and scales advance by a row stride when K is a
+//   multiple of the blocksize: 890 instead of 981 instructions per step of 256 codes (the shuffle,
+//   shift and FFMA per code are 744 of them).
 // - gemm_4bit_generic_kernel: K % 32 != 0, `packed` not 16-byte aligned, or K == 0. One warp per
 //   row of W, one element per lane and step with byte loads; correct for any shape, not fast.
 // A whose rows are not 16-byte aligned (odd lda or pointer) is read with scalar loads.
@@ -50,14 +54,15 @@
 // benchmarks/notes_gemm_4bit_decode.md). Floor: the codes once (N*K/2 bytes) plus the scales. Per
 // 2048 codes a warp moves ~64 shared-memory wavefronts of table data alone (4 bytes of hi + lo per
 // code), the same as the FFMA kernel's shuffles, so both need most of an SM's 128 B/clock at the
-// copy rate; both are bound by issue and latency, not by DRAM. Measured: M = 1 88% of the
-// device-to-device copy rate on 128256x4096, 66-67% on 14336x4096 and 4096x14336, 49% on 4096x4096;
+// copy rate; both are bound by issue and latency, not by DRAM. Measured: M = 1 85-91% of the
+// device-to-device copy rate on 128256x4096, 66-72% on 14336x4096 and 4096x14336, 52% on 4096x4096;
 // M = 4 45-55% and M = 16 35-43% on the three large shapes (1.5x and 1.9x the M = 1 time on the
 // 33 MB ones).
 //
 // Limits: sm_80 or newer (mma.sync bf16, cvt.rn.bf16x2, L2 fetch-size hint); dependent launch and
-// the L2 bulk prefetch only on sm_90 and newer. 64-bit element indices throughout; N < 2^33 (grid x
-// dimension of the FFMA kernel). The table kernel takes 74-101 KB of dynamic shared memory per
+// the L2 bulk prefetch only on sm_90 and newer. 64-bit element indices; N < 2^33 (grid x dimension
+// of the FFMA kernel); K < 2^32 for the vector kernels (32-bit row offsets; longer rows take the
+// generic kernel). The table kernel takes 74-101 KB of dynamic shared memory per
 // block.
 
 #include <cuda_bf16.h>
@@ -371,7 +376,11 @@ constexpr int gemv_min_blocks() {
   return kMT >= 3 || kDType == kF32 ? 3 : 4;
 }
 
-template <int kDType, int kMT, bool kAVec, bool kNested>
+// kWholeRows: N >= kRows and the last block starts at N - kRows (its first rows are also the previous
+// block's; both compute them in the same order and write the same bits), so no row needs a bounds
+// check. kRowBlocks: K % blocksize == 0, so row r's scales start r * K / blocksize blocks after row 0's.
+// Both only for the M = 1, 16-bit, aligned-A variant (the decode case); the others take false, false.
+template <int kDType, int kMT, bool kAVec, bool kNested, bool kWholeRows, bool kRowBlocks>
 __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kDType, kMT>()))
     gemv_4bit_kernel(const GemmArgs args) {
   constexpr int kRows = gemv_rows<kDType, kMT>();
@@ -383,7 +392,8 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kDType, kMT>())
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  if constexpr (kWholeRows) row0 = row0 + kRows <= args.N ? row0 : args.N - kRows;
   const int64_t rows_left = args.N - row0;
   const int64_t nchunks = args.K >> 5;
   prefetch_rows_l2(args, row0, kRows, 0, 16 * kGemvThreads, tid, kGemvThreads);  // the block's first step
@@ -398,18 +408,32 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kDType, kMT>())
     for (int m = 0; m < kMT; ++m) acc[r][m] = 0.0f;
   }
 
+  // Row r of a step is r * row_bytes past row 0's codes (32-bit factors, K < 2^32): one wide multiply-add
+  // per row rather than 64-bit element arithmetic. Lanes past the last chunk (the last step of a K that
+  // is not a multiple of 4096) read the last chunk again with A taken as zero and the scale as zero, so
+  // the code loads need no check and add exactly nothing.
+  const uint32_t row_bytes = static_cast<uint32_t>(args.K >> 1);
+  const uint32_t row_blocks = static_cast<uint32_t>(args.K >> args.log2_blocksize);
+  const uint8_t* const row0_codes = args.packed + row0 * static_cast<int64_t>(row_bytes);
+  const uint64_t row0_elem = static_cast<uint64_t>(row0) * static_cast<uint64_t>(args.K);
   // c - lane is the first chunk of this warp's step: the loop condition is warp-uniform.
   for (int64_t c = tid; c - lane < nchunks; c += kGemvThreads) {
     const bool valid = c < nchunks;
+    const int64_t chunk = valid ? c : nchunks - 1;
+    const uint8_t* codes_at = row0_codes + chunk * 16;
+    const uint64_t e0 = row0_elem + static_cast<uint64_t>(chunk) * 32;  // element of the chunk's first code
+    const int64_t block0 = static_cast<int64_t>(e0 >> args.log2_blocksize);
     uint4 codes[kRows];
     ScaleLoad<kNested> scale[kRows];
-    const int64_t e0 = row0 * args.K + c * 32;  // element index of the chunk's first code in row row0
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      if (valid && r < rows_left) {
-        const int64_t e = e0 + r * args.K;
-        codes[r] = load_stream_16(args.packed + (e >> 1));
-        scale[r] = load_scale<kNested>(args.scales, e >> args.log2_blocksize);
+      if (kWholeRows || r < rows_left) {
+        codes[r] = load_stream_16(codes_at + static_cast<uint64_t>(r) * row_bytes);
+        const int64_t block =
+            kRowBlocks
+                ? block0 + static_cast<int64_t>(static_cast<uint64_t>(r) * row_blocks)
+                : static_cast<int64_t>((e0 + static_cast<uint64_t>(r) * args.K) >> args.log2_blocksize);
+        scale[r] = load_scale<kNested>(args.scales, block);
       } else {
         codes[r] = make_uint4(0u, 0u, 0u, 0u);
         scale[r] = ScaleLoad<kNested>();
@@ -469,7 +493,7 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kDType, kMT>())
         float p = part[r][m][0];
 #pragma unroll
         for (int h = 1; h < kChains; ++h) p += part[r][m][h];
-        acc[r][m] = fmaf(finish_scale<kNested>(args.scales, scale[r]), p, acc[r][m]);
+        acc[r][m] = fmaf(valid ? finish_scale<kNested>(args.scales, scale[r]) : 0.0f, p, acc[r][m]);
       }
     }
   }
@@ -1145,14 +1169,36 @@ cudaError_t resident_blocks(int& blocks) {
   return cudaSuccess;
 }
 
-template <int kDType, int kMT, bool kAVec>
-cudaError_t launch_gemv(const GemmArgs& args, bool nested, cudaStream_t stream) {
+template <int kDType, int kMT, bool kAVec, bool kNested, bool kWholeRows, bool kRowBlocks>
+cudaError_t launch_gemv_kernel(const GemmArgs& args, cudaStream_t stream) {
   constexpr int kRows = gemv_rows<kDType, kMT>();
   const dim3 grid(static_cast<unsigned>((args.N + kRows - 1) / kRows));
-  return nested ? launch_dependent(gemv_4bit_kernel<kDType, kMT, kAVec, true>, grid, kGemvThreads, 0, stream,
-                                   args)
-                : launch_dependent(gemv_4bit_kernel<kDType, kMT, kAVec, false>, grid, kGemvThreads, 0, stream,
-                                   args);
+  return launch_dependent(gemv_4bit_kernel<kDType, kMT, kAVec, kNested, kWholeRows, kRowBlocks>, grid,
+                          kGemvThreads, 0, stream, args);
+}
+
+template <int kDType, int kMT, bool kAVec, bool kNested>
+cudaError_t launch_gemv(const GemmArgs& args, cudaStream_t stream) {
+  if constexpr (kMT == 1 && kDType != kF32 && kAVec) {
+    // The decode case: no row checks when there are rows for a whole block, scales by row stride when
+    // the rows hold whole blocks.
+    const bool whole_rows = args.N >= gemv_rows<kDType, kMT>();
+    const bool row_blocks = (args.K & ((int64_t{1} << args.log2_blocksize) - 1)) == 0;
+    if (whole_rows) {
+      return row_blocks ? launch_gemv_kernel<kDType, kMT, kAVec, kNested, true, true>(args, stream)
+                        : launch_gemv_kernel<kDType, kMT, kAVec, kNested, true, false>(args, stream);
+    }
+    return row_blocks ? launch_gemv_kernel<kDType, kMT, kAVec, kNested, false, true>(args, stream)
+                      : launch_gemv_kernel<kDType, kMT, kAVec, kNested, false, false>(args, stream);
+  } else {
+    return launch_gemv_kernel<kDType, kMT, kAVec, kNested, false, false>(args, stream);
+  }
+}
+
+template <int kDType, int kMT, bool kAVec>
+cudaError_t launch_gemv(const GemmArgs& args, bool nested, cudaStream_t stream) {
+  return nested ? launch_gemv<kDType, kMT, kAVec, true>(args, stream)
+                : launch_gemv<kDType, kMT, kAVec, false>(args, stream);
 }
 
 template <int kDType, int kMT>
@@ -1263,7 +1309,9 @@ cudaError_t launch_generic(const GemmArgs& args, bool nested, cudaStream_t strea
 template <int kDType>
 cudaError_t gemm_4bit_typed(GemmArgs args, int64_t M, bool nested, cudaStream_t stream) {
   constexpr int64_t kElem = kDType == kF32 ? 4 : 2;
-  const bool w_vec = args.K > 0 && args.K % 32 == 0 && reinterpret_cast<uintptr_t>(args.packed) % 16 == 0;
+  // The vector kernels address a row with 32-bit byte offsets (K < 2^32).
+  const bool w_vec = args.K > 0 && args.K % 32 == 0 && args.K < (int64_t{1} << 32) &&
+                     reinterpret_cast<uintptr_t>(args.packed) % 16 == 0;
   if (!w_vec) {
     // The generic kernel loops over all rows of A itself (int rows: M below 2^31).
     args.rows = static_cast<int>(M);
