@@ -11,9 +11,9 @@
 // same 16 columns of rows g (+ 8 per tile) of A (two 16-byte loads). MMA step u (0..3) takes bytes 4u..4u+3
 // of the lane's chunk as its k-slots (2q, 2q+1, 2q+8, 2q+9) and the same four columns of A for the other
 // operand: the k order inside an MMA is permuted, identically for both operands, so the dot products are
-// unchanged. An int8 value x becomes a 16-bit float exactly: bfloat16 through the float32 2^23 + (x + 128)
-// bit pattern minus 2^23 + 128 (the integer has at most 8 significant bits, so its bfloat16 is the float32's
-// upper half), float16 through the half 1024 + (x + 128) pattern minus 1152, two values per operation. Each
+// unchanged. An int8 value x becomes a 16-bit float exactly, two values per operation: bfloat16 as the
+// difference of the bfloat16 patterns 0x43 | x & 0x7f (128 + (x & 127)) and 0x43 | x & 0x80 (128 or 256),
+// float16 through the half 1024 + (x + 128) pattern minus 1152. Each
 // warp keeps kStages segments in flight (registers, loaded kStages segments ahead of the one it multiplies).
 // At the end the warps' partial sums meet in shared memory; one thread per output sums them, applies
 // SCB[n] * (1/127) and the bias with one fma in float32 and stores in A's dtype.
@@ -29,7 +29,7 @@
 //
 // Expected bottleneck: reading W once, one byte per weight, half the bytes of a bfloat16 F.linear, so at
 // M = 1 about 2x faster than bfloat16 on the same memory system. Per 16 weight bytes a lane issues one
-// 16-byte load, ~2 loads of A (L1/L2 hits), the conversions (~2.6 instructions per weight for bfloat16,
+// 16-byte load, ~2 loads of A (L1/L2 hits), the conversions (~2 instructions per weight for bfloat16,
 // ~1 for float16) and 4 * kNT MMAs: about 3 instructions per weight byte at M <= 8, below the ~9 per byte
 // an SM can issue at 3 TB/s across 132 SMs. A is re-read by every thread block from L2 (M * K * 2 bytes per
 // block of 16 * kMT rows of W), which is why kMT = 2 is used when N leaves enough blocks.
@@ -83,16 +83,21 @@ __device__ __forceinline__ uint32_t word_at(const uint4& v, int w) {
 // lo = {e0, e1}, hi = {e2, e3}, first element in the low half.
 template <int kDType>
 __device__ __forceinline__ void int8x4_to_pairs(uint32_t word, uint32_t& lo, uint32_t& hi) {
-  const uint32_t biased = word ^ 0x80808080u;  // x + 128 in each byte
   if constexpr (kDType == kBF16) {
-    constexpr float kMagic = 8388736.0f;  // 2^23 + 128
-    const float f0 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440)) - kMagic;
-    const float f1 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7441)) - kMagic;
-    const float f2 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7442)) - kMagic;
-    const float f3 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7443)) - kMagic;
-    lo = __byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632);
-    hi = __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632);
+    // Each byte x under a 0x43 high byte: with bit 7 cleared it is the bfloat16 128 + (x & 127), with
+    // only bit 7 kept it is 128 (bit 7 clear) or 256 (set), and their difference is x, exactly, in one
+    // fma.rn.bf16x2 (a - b * 1: the product and the integer result are exact).
+    const uint32_t p01 = __byte_perm(word, 0x43434343u, 0x4140);
+    const uint32_t p23 = __byte_perm(word, 0x43434343u, 0x4342);
+    constexpr uint32_t kMinusOne = 0xBF80BF80u;  // bfloat16x2 {-1, -1}
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;"
+        : "=r"(lo)
+        : "r"(p01 & 0xFF80FF80u), "r"(kMinusOne), "r"(p01 & 0xFF7FFF7Fu));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;"
+        : "=r"(hi)
+        : "r"(p23 & 0xFF80FF80u), "r"(kMinusOne), "r"(p23 & 0xFF7FFF7Fu));
   } else {
+    const uint32_t biased = word ^ 0x80808080u;                     // x + 128 in each byte
     const uint32_t h01 = __byte_perm(biased, 0x64646464u, 0x4140);  // halves 1024 + (x + 128)
     const uint32_t h23 = __byte_perm(biased, 0x64646464u, 0x4342);
     asm("sub.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(h01), "r"(0x64806480u));  // - 1152

@@ -186,6 +186,47 @@ TEST(CudaInt8, WeightOnlyLinearMatchesAFloat64Reference) {
   }
 }
 
+// Every int8 value, -128 included, through the kernel's exact int8 -> 16-bit conversion: A's row m is one-hot
+// at column m, so out[m, n] = fma(W[n, m], SCB[n] * (1/127), bias[n]) with an exact sum, computed on the
+// host in float32 the same way and compared bit for bit. W[n, m] = 16 n + m - 128 covers the 256 values;
+// the other columns hold random bytes (multiplied by zero).
+TEST(CudaInt8, WeightOnlyLinearConvertsEveryInt8Exactly) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t M = 16, N = 16, K = 64;
+  std::mt19937 rng(11);
+  std::vector<int8_t> W(N * K);
+  for (auto& v : W) v = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t m = 0; m < M; ++m) W[n * K + m] = static_cast<int8_t>(16 * n + m - 128);
+  }
+  auto scale = normal_values(N, 12, 1.0f);
+  for (auto& s : scale) s = std::fabs(s) + 0.5f;
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    std::vector<float> a(M * K, 0.0f);
+    for (int64_t m = 0; m < M; ++m) a[m * K + m] = 1.0f;
+    const auto A = to_16bit(a, dtype);
+    const auto bias = to_16bit(normal_values(N, 13, 0.25f), dtype);
+    Device d_A(A.data(), A.size() * 2), d_W(W.data(), W.size()), d_scale(scale.data(), N * 4),
+        d_bias(bias.data(), N * 2), d_out(M * N * 2);
+    ASSERT_EQ(cuda::int8_weight_only_linear(d_A.get<void>(), dtype, M, K, K, d_W.get<int8_t>(),
+                                            d_scale.get<float>(), N, d_bias.get<void>(), d_out.get<void>(),
+                                            nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto out = d_out.download<uint16_t>(M * N);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        const float row_scale = scale[n] * kInt8Inverse127;
+        const float expected =
+            std::fma(static_cast<float>(W[n * K + m]), row_scale, from_16bit(bias[n], dtype));
+        const uint16_t bits = dtype == DType::kFloat16 ? float_to_fp16(expected) : float_to_bf16(expected);
+        ASSERT_EQ(out[m * N + n], bits)
+            << "int8 value " << int{W[n * K + m]} << " (row " << n << ", column " << m << ")";
+      }
+    }
+  }
+}
+
 TEST(CudaInt8, WeightOnlyLinearRejectsWhatItDoesNotSupport) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   Device d_A(4096), d_W(4096);
