@@ -1317,6 +1317,15 @@ cudaError_t launch_generic(const GemmArgs& args, bool nested, cudaStream_t strea
   return cudaGetLastError();
 }
 
+// Whether `rows` (2 or 3) rows of 16-bit A take the FFMA kernel rather than the table kernel: the table
+// kernel's persistent grid and 64 KB table cost about 6.5 us on an H100 whatever the size, the FFMA kernel's
+// time grows with the rows of A. Measured (bf16, NF4, blocksize 64): M = 2 on 1024x4096 3.4 vs 6.7 us,
+// 14336x4096 23.6 vs 25.0, 128256x4096 186 vs 180; M = 3 on 1024x4096 4.6 vs 6.6, 4096x4096 11.7 vs 9.5.
+constexpr bool ffma_rows(int64_t rows, int64_t weight_elements) {
+  return (rows == 2 && weight_elements <= (int64_t{1} << 26)) ||
+         (rows == 3 && weight_elements <= (int64_t{1} << 23));
+}
+
 template <int kDType>
 cudaError_t gemm_4bit_typed(GemmArgs args, int64_t M, bool nested, cudaStream_t stream) {
   constexpr int64_t kElem = kDType == kF32 ? 4 : 2;
@@ -1330,8 +1339,8 @@ cudaError_t gemm_4bit_typed(GemmArgs args, int64_t M, bool nested, cudaStream_t 
   }
   const bool a_vec = reinterpret_cast<uintptr_t>(args.A) % 16 == 0 && (args.lda * kElem) % 16 == 0;
   // Tensor cores for 16-bit A: the table kernel for every row count when a 64-column segment lies in
-  // one block and A's rows are 16-byte aligned; else the scale-before kernel from 4 rows on (the
-  // FFMA kernel below that).
+  // one block and A's rows are 16-byte aligned (except 2 or 3 rows on smaller weights: ffma_rows); else
+  // the scale-before kernel from 4 rows on (the FFMA kernel below that).
   const bool table =
       kDType != kF32 && args.K % 64 == 0 && args.log2_blocksize >= 6 && a_vec && args.K < (int64_t{1} << 31);
   const char* a_base = static_cast<const char*>(args.A);
@@ -1342,7 +1351,7 @@ cudaError_t gemm_4bit_typed(GemmArgs args, int64_t M, bool nested, cudaStream_t 
     chunk.A = a_base + m0 * args.lda * kElem;
     chunk.out = out_base + m0 * args.N * kElem;
     cudaError_t err = cudaSuccess;
-    if (kDType != kF32 && left >= (table ? kTableMinRows : 4)) {
+    if (kDType != kF32 && left >= (table ? kTableMinRows : 4) && !ffma_rows(left, args.N * args.K)) {
       chunk.rows = static_cast<int>(left < kMmaMaxM ? left : kMmaMaxM);
       if constexpr (kDType != kF32) {
         if (table) {

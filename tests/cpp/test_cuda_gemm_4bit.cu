@@ -442,7 +442,7 @@ TEST(CudaGemm4bit, TableKernelTileShapes) {
   uint64_t seed = 700;
   for (int64_t N : {9000, 40000, 70000}) {
     for (int64_t K : {192, 256}) {
-      for (int64_t M : {2, 9, 16}) {
+      for (int64_t M : {4, 9, 16}) {  // 2 or 3 rows take the FFMA kernel on weights this small
         Case c;
         c.M = M, c.N = N, c.K = K, c.lda = K, c.blocksize = K == 192 ? 64 : 128, c.bias = true;
         c.dtype = (seed % 2) == 0 ? DType::kBFloat16 : DType::kFloat16;
@@ -456,6 +456,22 @@ TEST(CudaGemm4bit, TableKernelTileShapes) {
 // The tensor-core kernel for larger M (gemm_4bit_prefill): every tile height (M up to 16, 32, 64,
 // more), M and N not multiples of the tiles, split K (few tiles) and one split (many), blocksizes from
 // 64, nested scales, both dtypes, strided A.
+// 2 and 3 rows of A on the table kernel: weights just past the sizes below which those row counts take the
+// FFMA kernel (2^26 elements for 2 rows, 2^23 for 3).
+TEST(CudaGemm4bit, TableKernelTwoAndThreeRows) {
+  SKIP_WITHOUT_CUDA();
+  uint64_t seed = 750;
+  for (int64_t M : {2, 3}) {
+    for (bool nested : {false, true}) {
+      Case c;
+      c.M = M, c.N = M == 2 ? 16400 : 2100, c.K = 4096, c.lda = 4096, c.blocksize = 64, c.bias = nested;
+      c.dtype = nested ? DType::kFloat16 : DType::kBFloat16;
+      c.nested = nested;
+      run_case(c, seed++);
+    }
+  }
+}
+
 TEST(CudaGemm4bit, PrefillKernel) {
   SKIP_WITHOUT_CUDA();
   uint64_t seed = 900;
