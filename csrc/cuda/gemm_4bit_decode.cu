@@ -30,13 +30,13 @@
 //   K in groups of 4 chunks; the 4 lanes of a quad may sit in different blocks, so each weight is
 //   dequantized to float32 level * scale first (levels by warp shuffle: lane L holds table[L % 16])
 //   and split into bf16 hi + lo per code.
-// - gemv_4bit_kernel: M = 1 with 16-bit A, float32 A (any M, chunks of up to 4 rows), and M <= 3
-//   where no tensor-core kernel applies. A block of 128 threads owns 8 rows of W (4 when M > 1 or
-//   float32); its threads stride over the chunks (one 16-byte load per row and chunk, all rows in
-//   flight, L1 bypassed), read the matching elements of A with 16-byte loads (L1-cached), look each
-//   code up with one warp shuffle (lane L holds table[L % 16]; shfl reads only the low 5 bits of
-//   its lane operand, so `word >> (4 * nibble)` is the whole index computation), accumulate
-//   level * a with FFMA and scale once per chunk. Warp reduce-scatter, then 4 warps through shared
+// - gemv_4bit_kernel: M = 1 with 16-bit A, float32 A (any M, chunks of up to 4 rows), M <= 3 where no
+//   tensor-core kernel applies, and 2 or 3 rows on weights below 2^26 / 2^23 elements (ffma_rows).
+//   A block of 128 threads owns 8 rows of W (4 when M > 1 or float32); its threads stride over the chunks
+//   (one 16-byte load per row and chunk, all rows in flight, L1 bypassed), read the matching elements of A
+//   with 16-byte loads (L1-cached), look each code up with one warp shuffle (lane L holds table[L % 16]; shfl
+//   reads only the low 5 bits of its lane operand, so `word >> (4 * nibble)` is the whole index computation),
+//   accumulate level * a with FFMA and scale once per chunk. Warp reduce-scatter, then 4 warps through shared
 //   memory; bias added in float32. Address work per row and step is one wide multiply-add (32-bit
 //   row offsets); for M = 1 with aligned 16-bit A (the decode case) the last block of rows overlaps
 //   the one before instead of checking rows, and scales advance by a row stride when K is a
