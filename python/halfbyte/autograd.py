@@ -21,13 +21,8 @@ def gemm_4bit_args(B: torch.Tensor, quant_state: QuantState) -> tuple:
 
 
 def _args_from_inputs(B: torch.Tensor, inputs: dict) -> tuple:
-    nested = inputs["nested"]
-    if nested is None:
-        args, kwargs = inputs["absmax"], {}
-    else:
-        args = nested["absmax"]
-        kwargs = {"absmax_8bit": inputs["absmax"], "absmax_code": nested["code"], "absmax_offset": inputs["offset"]}
-    return (B.reshape(-1, 1), inputs["shape"], args, inputs["blocksize"], inputs["quant_type"]), kwargs
+    absmax, kwargs = F.scale_args(inputs)
+    return (B.reshape(-1, 1), inputs["shape"], absmax, inputs["blocksize"], inputs["quant_type"]), kwargs
 
 
 def gemm_4bit_from_inputs(A: torch.Tensor, B: torch.Tensor, inputs: dict, bias: torch.Tensor | None) -> torch.Tensor:

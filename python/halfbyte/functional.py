@@ -164,9 +164,14 @@ def kernel_inputs_intact(inputs: dict[str, Any] | None) -> bool:
 
 
 def _scale_args(state: QuantState) -> tuple[torch.Tensor, dict]:
-    """(absmax, nested keyword arguments) of the 4-bit ops: double-quantized scales are passed as they are
-    stored (uint8 codes, nested absmax, code, offset) and resolved inside the kernels."""
-    inputs = kernel_inputs(state)
+    """(absmax, nested keyword arguments) of the 4-bit ops for a QuantState."""
+    return scale_args(kernel_inputs(state))
+
+
+def scale_args(inputs: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+    """(absmax, nested keyword arguments) of the 4-bit ops from a ``kernel_inputs`` dict: double-quantized
+    scales are passed as they are stored (uint8 codes, nested absmax, code, offset) and resolved inside the
+    kernels."""
     nested = inputs["nested"]
     if nested is None:
         return inputs["absmax"], {}
