@@ -812,8 +812,9 @@ __device__ __forceinline__ void load_pair(const TileCursor& c, int64_t row_strid
 // first + q (raw: a double-quantized one is finished later, by finish_chunk_scales).
 template <bool kNested>
 struct ChunkScales {
-  float
-      value[4];  // plain; nested: the scale after finish_chunk_scales (before it, kEarly: the nested absmax)
+  // Plain: the scale. Nested: the scale after finish_chunk_scales (before it, with kEarly, the nested
+  // absmax).
+  float value[4];
   uint32_t code[4];
 };
 

@@ -13,8 +13,8 @@
 // operand: the k order inside an MMA is permuted, identically for both operands, so the dot products are
 // unchanged. An int8 value x becomes a 16-bit float exactly, two values per operation: bfloat16 as the
 // difference of the bfloat16 patterns 0x43 | x & 0x7f (128 + (x & 127)) and 0x43 | x & 0x80 (128 or 256),
-// float16 through the half 1024 + (x + 128) pattern minus 1152. Each
-// warp keeps kStages segments in flight (registers, loaded kStages segments ahead of the one it multiplies).
+// float16 through the half 1024 + (x + 128) pattern minus 1152. Each warp keeps kStages segments in flight
+// (registers, loaded kStages segments ahead of the one it multiplies).
 // At the end the warps' partial sums meet in shared memory; one thread per output sums them, applies
 // SCB[n] * (1/127) and the bias with one fma in float32 and stores in A's dtype.
 //
