@@ -12,12 +12,13 @@
 // Kernels and the split of the work:
 // - gemm_4bit_table_kernel: float16/bfloat16 A, 2 <= M <= 16, K % 64 == 0, K < 2^31, blocksize
 //   >= 64, A rows 16-byte aligned (the Llama decode case). Tensor cores (mma.sync m16n8k16, W as
-//   the 16x16 operand, A^T as the 16x8 one) on unscaled levels, each row's segment sum scaled in
-//   float32 afterwards. Decode: a 64 KB shared-memory table holds, for each byte value, the bf16
-//   hi and lo pairs of its two levels (hi + lo within 2^-16 of the level) in every lane's own
-//   column, so one byte permute (the offset) and two conflict-free 4-byte loads give a lane the
-//   weight fragment registers of two codes for the hi MMA and the lo MMA; float16 A is split
-//   exactly into bf16 hi + lo (a third MMA). Persistent grid of 8-warp blocks (two per SM; one
+//   the 16x16 operand, A^T as the 16x8 one) on unscaled levels rounded to A's type, each row's
+//   segment sum scaled in float32 afterwards. The rounding (2^-9 of a level in bfloat16, 2^-12 in
+//   float16) is the one dequantize_4bit + F.linear makes on level * scale; the products and sums are
+//   exact / float32. Decode: a shared-memory table holds, for each byte value, its two rounded
+//   levels in every lane's own column, so one byte permute (the offset) and one conflict-free
+//   4-byte load give a lane the weight fragment register of two codes; one MMA per 16x16 weight
+//   tile and 8 rows of A. Persistent grid of 8-warp blocks (two per SM; one
 //   16-warp block per SM when there are fewer 32-row tiles than that): a block walks its tiles of
 //   32 rows (64 or 128 when there are tiles enough to give every block two, reading A less often);
 //   each warp owns 32 rows and a contiguous range of K and streams it one chunk (4 segments) ahead,
@@ -31,7 +32,7 @@
 //   dequantized to float32 level * scale first (levels by warp shuffle: lane L holds table[L % 16])
 //   and split into bf16 hi + lo per code.
 // - gemv_4bit_kernel: M = 1 with 16-bit A, float32 A (any M, chunks of up to 4 rows), M <= 3 where no
-//   tensor-core kernel applies, and 2 or 3 rows on weights below 2^26 / 2^23 elements (ffma_rows).
+//   tensor-core kernel applies, and 2 or 3 rows on weights below 2^24 / 2^23 elements (ffma_rows).
 //   A block of 128 threads owns 8 rows of W (4 when M > 1 or float32); its threads stride over the chunks
 //   (one 16-byte load per row and chunk, all rows in flight, L1 bypassed), read the matching elements of A
 //   with 16-byte loads (L1-cached), look each code up with one warp shuffle (lane L holds table[L % 16]; shfl
@@ -52,9 +53,8 @@
 //
 // Bandwidth (H100, bf16, NF4, blocksize 64, CUDA graph over weight copies; details and history in
 // benchmarks/notes_gemm_4bit_decode.md). Floor: the codes once (N*K/2 bytes) plus the scales. Per
-// 2048 codes a warp moves ~64 shared-memory wavefronts of table data alone (4 bytes of hi + lo per
-// code), the same as the FFMA kernel's shuffles, so both need most of an SM's 128 B/clock at the
-// copy rate; both are bound by issue and latency, not by DRAM. Measured: M = 1 85-91% of the
+// 2048 codes a warp moves ~32 shared-memory wavefronts of table data (2 bytes per code), the FFMA
+// kernel ~64 of shuffles; both are bound by issue and latency, not by DRAM. Measured: M = 1 85-91% of the
 // device-to-device copy rate on 128256x4096, 66-72% on 14336x4096 and 4096x14336, 52% on 4096x4096;
 // M = 4 45-55% and M = 16 35-43% on the three large shapes (1.5x and 1.9x the M = 1 time on the
 // 33 MB ones).
@@ -595,8 +595,8 @@ __device__ __forceinline__ void store_block_tile(const GemmArgs& args, float* pa
 
 // ---- tensor-core kernel, scale applied before the MMA (the shapes the table kernel does not take) --
 
-// Blocks of 8 warps per SM the register allocation must allow: 2 (128 registers), 1 for float16 A
-// with 16 rows (its split of A into bf16 hi + lo needs more).
+// Blocks of 8 warps per SM the register allocation of the scale-before kernel must allow: 2 (128
+// registers), 1 for float16 A with 16 rows (its split of A into bf16 hi + lo needs more).
 template <int kDType, int kNT>
 constexpr int mma_min_blocks() {
   return kDType == kF16 && kNT == 2 ? 1 : 2;
@@ -738,7 +738,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, (mma_min_blocks<kDType, kNT>()
 // chunk of 4 segments, 8 rows x 4 segments per warp load, and passed to the lanes that need them
 // with shuffles.
 
-constexpr int kTableBytes = 256 * 256;     // per code byte: hi pairs of the 32 lanes, then lo pairs
+constexpr int kTableBytes =
+    256 * 256;  // per code byte: the level pair of each of the 32 lanes (128 B), 128 B unused
 constexpr int kNestedCodeBytes = 256 * 4;  // the nested code, for double-quantized scales
 constexpr int kChunkSegments = 4;          // segments per chunk: a warp loads a chunk's scales at once
 constexpr int kPairsPerChunk = kChunkSegments / 2;
@@ -757,26 +758,23 @@ struct TablePlan {
   int steps_per_tile;  // segments per warp and tile (a multiple of kChunkSegments; some may be past K)
 };
 
-// Row v (256 bytes) of the table holds, for the byte value v, the bf16x2 hi pair of the levels of its
-// two codes at byte 4*L and the lo pair at byte 128 + 4*L, for every lane L; the high nibble (the even
-// element, the lower k-slot) is in the low half. Every lane reads its own column, so a warp's lookups
-// never share a bank. `hi`, `lo`: the entry of byte value v (threads 0..255 fill a row each).
-__device__ __forceinline__ void fill_decode_table(uint8_t* table, int v, uint32_t hi, uint32_t lo) {
+// Row v (256 bytes) of the table holds, for the byte value v, the levels of its two codes rounded to A's
+// 16-bit type (`pair`) at byte 4*L for every lane L; the high nibble (the even element, the lower k-slot) is
+// in the low half. Every lane reads its own column, so a warp's lookups never share a bank. The row's last
+// 128 bytes are unused: a 256-byte row is what one byte permute can address (byte * 256 + 4 * lane), and
+// shared memory does not limit the blocks per SM here (registers do). Threads 0..255 fill a row each.
+__device__ __forceinline__ void fill_decode_table(uint8_t* table, int v, uint32_t pair) {
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
+  for (int j = 0; j < 8; ++j) {
     const int column = (j + v) & 7;  // rotated, so that a warp's stores spread over the banks
-    const uint32_t x = j < 8 ? hi : lo;
-    *reinterpret_cast<uint4*>(table + 256 * v + 128 * (j >> 3) + 16 * column) = make_uint4(x, x, x, x);
+    *reinterpret_cast<uint4*>(table + 256 * v + 16 * column) = make_uint4(pair, pair, pair, pair);
   }
 }
 
-// Fragment registers (hi, lo) of the two codes in byte b of word: the byte permute builds the offset
-// 256 * byte + 4 * lane (lane4 = 4 * lane has zero upper bytes).
-__device__ __forceinline__ void decode_byte(const uint8_t* table, uint32_t word, int b, uint32_t lane4,
-                                            uint32_t& hi, uint32_t& lo) {
-  const uint8_t* entry = table + __byte_perm(word, lane4, 0x5504 | (b << 4));
-  hi = *reinterpret_cast<const uint32_t*>(entry);
-  lo = *reinterpret_cast<const uint32_t*>(entry + 128);
+// Fragment register of the two codes in byte b of word: the byte permute builds the offset 256 * byte +
+// 4 * lane (lane4 = 4 * lane has zero upper bytes).
+__device__ __forceinline__ uint32_t decode_byte(const uint8_t* table, uint32_t word, int b, uint32_t lane4) {
+  return *reinterpret_cast<const uint32_t*>(table + __byte_perm(word, lane4, 0x5504 | (b << 4)));
 }
 
 // Where a lane reads a block tile: row g of its row group.
@@ -831,10 +829,9 @@ __device__ __forceinline__ uint32_t load_code_256(const uint8_t* p) {
   return v;
 }
 
-// kEarly (double-quantized scales, bfloat16 A, one 8-row tile of A): the nested absmax is loaded here too,
-// a chunk ahead, rather than in finish_chunk_scales where it is used (4096x4096 M = 4: 12% -> -2% over
-// plain absmax). Elsewhere (two tiles, or float16 A with its third MMA) the four extra registers per buffer
-// spill more than they save.
+// kEarly (double-quantized scales, one 8-row tile of A): the nested absmax is loaded here too, a chunk
+// ahead, rather than in finish_chunk_scales where it is used (4096x4096 M = 4: 12% -> -2% over plain
+// absmax). With two tiles the four extra registers per buffer spill more than they save.
 template <bool kNested, bool kEarly>
 __device__ __forceinline__ void load_chunk_scales(const GemmArgs& args, const TileCursor& c, int first,
                                                   int seg_end, int q, ChunkScales<kNested>& s) {
@@ -914,20 +911,18 @@ __device__ __forceinline__ void compute_segment(const uint8_t* table, uint32_t l
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      uint32_t w_hi[4];
-      uint32_t w_lo[4];
+      uint32_t w[4];
 #pragma unroll
       for (int odd = 0; odd < 2; ++odd) {  // rows g + 8 of the tile go to registers 1 and 3
         const uint32_t x = word[2 * mt + odd][u >> 1];
-        decode_byte(table, x, 2 * (u & 1), lane4, w_hi[odd], w_lo[odd]);              // k-slots 2q, 2q+1
-        decode_byte(table, x, 2 * (u & 1) + 1, lane4, w_hi[2 + odd], w_lo[2 + odd]);  // 2q+8, 2q+9
+        w[odd] = decode_byte(table, x, 2 * (u & 1), lane4);          // k-slots 2q, 2q+1
+        w[2 + odd] = decode_byte(table, x, 2 * (u & 1) + 1, lane4);  // 2q+8, 2q+9
       }
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         const uint4& v = av[nt][u >> 1];
-        const ActFragment<kDType> act((u & 1) ? v.z : v.x,   // columns 4u, 4u+1 of this lane's 16
-                                      (u & 1) ? v.w : v.y);  // columns 4u+2, 4u+3
-        mma_weight_pair<kDType>(d[nt], w_hi, w_lo, act);
+        mma::m16n8k16<kDType == kBF16>(d[nt], w, (u & 1) ? v.z : v.x,  // columns 4u, 4u+1 of this lane's 16
+                                       (u & 1) ? v.w : v.y);           // columns 4u+2, 4u+3
       }
     }
     // d[nt][i] holds row rho = 2*mt + i/2 of the tile; lane (g, j) holds its scale.
@@ -948,7 +943,7 @@ __device__ __forceinline__ void compute_segment(const uint8_t* table, uint32_t l
 // sequence one chunk ahead of the one it computes, across tile boundaries, so the memory system stays
 // busy through the per-tile reduction.
 template <int kDType, int kNT, bool kNested, int kWarps>
-__global__ void __launch_bounds__(kWarps * 32, (mma_min_blocks<kDType, kNT>() * 8 / kWarps))
+__global__ void __launch_bounds__(kWarps * 32, 2 * 8 / kWarps)
     gemm_4bit_table_kernel(const GemmArgs args, const TablePlan plan) {
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* table = smem;
@@ -967,7 +962,7 @@ __global__ void __launch_bounds__(kWarps * 32, (mma_min_blocks<kDType, kNT>() * 
   const int tile_rows = 32 * plan.row_groups;
   const int chunks_per_tile = plan.steps_per_tile / kChunkSegments;
   const int64_t row_stride8 = 8 * (args.K >> 1);
-  constexpr bool kEarlyAbsmax = kNT == 1 && kDType == kBF16;
+  constexpr bool kEarlyAbsmax = kNT == 1;
 
   // This warp's first chunk of its first tile: 4 segments of its 32 rows.
   prefetch_rows_l2(args, blockIdx.x * static_cast<int64_t>(tile_rows) + 32 * row_group, 32, 32 * seg_begin,
@@ -1016,10 +1011,15 @@ __global__ void __launch_bounds__(kWarps * 32, (mma_min_blocks<kDType, kNT>() * 
   advance_load();
 
   {
-    uint32_t hi, lo;
-    split_bf16x2(level_hi_nibble, level_lo_nibble, hi, lo);
+    uint32_t pair;  // the two levels rounded to A's type, the high nibble's in the low half
+    if constexpr (kDType == kBF16) {
+      pair = pack_bf16x2(level_hi_nibble, level_lo_nibble);
+    } else {
+      const __half2 h = __floats2half2_rn(level_hi_nibble, level_lo_nibble);
+      pair = *reinterpret_cast<const uint32_t*>(&h);
+    }
     if (tid < 256) {
-      fill_decode_table(table, tid, hi, lo);
+      fill_decode_table(table, tid, pair);
       if constexpr (kNested) nested_code[tid] = nested_code_entry;
     }
   }
@@ -1289,13 +1289,11 @@ cudaError_t launch_table(const GemmArgs& args, cudaStream_t stream) {
   cudaError_t err = resident_blocks<gemm_4bit_table_kernel<kDType, kNT, kNested, 8>, 8 * 32,
                                     table_kernel_smem_bytes<kNT, 8>()>(resident);
   if (err != cudaSuccess) return err;
-  if constexpr (mma_min_blocks<kDType, kNT>() == 2) {
-    if ((args.N + 31) / 32 < resident) {
-      err = resident_blocks<gemm_4bit_table_kernel<kDType, kNT, kNested, 16>, 16 * 32,
-                            table_kernel_smem_bytes<kNT, 16>()>(resident);
-      if (err != cudaSuccess) return err;
-      return launch_table_kernel<kDType, kNT, kNested, 16>(args, resident, stream);
-    }
+  if ((args.N + 31) / 32 < resident) {
+    err = resident_blocks<gemm_4bit_table_kernel<kDType, kNT, kNested, 16>, 16 * 32,
+                          table_kernel_smem_bytes<kNT, 16>()>(resident);
+    if (err != cudaSuccess) return err;
+    return launch_table_kernel<kDType, kNT, kNested, 16>(args, resident, stream);
   }
   return launch_table_kernel<kDType, kNT, kNested, 8>(args, resident, stream);
 }
@@ -1319,11 +1317,12 @@ cudaError_t launch_generic(const GemmArgs& args, bool nested, cudaStream_t strea
 }
 
 // Whether `rows` (2 or 3) rows of 16-bit A take the FFMA kernel rather than the table kernel: the table
-// kernel's persistent grid and 64 KB table cost about 6.5 us on an H100 whatever the size, the FFMA kernel's
-// time grows with the rows of A. Measured (bf16, NF4, blocksize 64): M = 2 on 1024x4096 3.4 vs 6.7 us,
-// 14336x4096 23.6 vs 25.0, 128256x4096 186 vs 180; M = 3 on 1024x4096 4.6 vs 6.6, 4096x4096 11.7 vs 9.5.
+// kernel's persistent grid and table cost about 5.5 us on an H100 whatever the size, the FFMA kernel's time
+// grows with the rows of A. Measured (bf16, NF4, blocksize 64, FFMA vs table): M = 2 on 1024x4096 3.4 vs
+// 5.7 us, 4096x4096 8.3 vs 8.4, 14336x4096 23.6 vs 21.4, 128256x4096 182 vs 168; M = 3 on 1024x4096 4.6
+// vs 6.6 (table before its levels were rounded to A's type), 4096x4096 11.7 vs 9.5 (same).
 constexpr bool ffma_rows(int64_t rows, int64_t weight_elements) {
-  return (rows == 2 && weight_elements <= (int64_t{1} << 26)) ||
+  return (rows == 2 && weight_elements <= (int64_t{1} << 24)) ||
          (rows == 3 && weight_elements <= (int64_t{1} << 23));
 }
 

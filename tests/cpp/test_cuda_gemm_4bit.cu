@@ -3,9 +3,13 @@
 // reference: W dequantized on the host (level * block scale in float32, as the format defines it),
 // then out = A W^T (+ bias) in double. Skipped when no CUDA device is present.
 //
+// The table kernel (16-bit A, M >= 2 on the decode shapes) multiplies levels rounded to A's type: for
+// the rows of A it computes, the reference rounds the level the same way (level16 * scale), so the
+// check stays as tight as for the exact kernels.
+//
 // Tolerance: |out - ref| <= 1e-5 * sum_k |a*w| + u * |ref|. The first term covers float32
 // accumulation in an order different from the reference (per-chunk partial sums, warp and
-// tensor-core reductions; the tensor-core path also carries each float32 weight as a bf16 hi + lo
+// tensor-core reductions; the scale-before kernel also carries each float32 weight as a bf16 hi + lo
 // pair, at most 2^-16 relative, whose errors have random signs on this data). The second term is
 // the final rounding to the output dtype: u = 2^-8 for bfloat16, 2^-11 for float16, 0 for float32.
 #include <cuda_runtime.h>
@@ -202,6 +206,30 @@ struct DeviceWeight {
   }
 };
 
+// Rows of A that gemm_4bit sends through the table kernel, which multiplies levels rounded to A's type (the
+// dispatch loop of gemm_4bit_typed in gemm_4bit_decode.cu, replayed): 16-bit A with 16-byte aligned rows,
+// aligned codes, K % 64 == 0, blocksize >= 64; launches of at most 16 rows, each of at least 2 rows, except
+// that 2 rows on at most 2^24 weight elements and 3 rows on at most 2^23 take the FFMA kernel (as do single
+// rows), in launches of at most 3 rows.
+std::vector<bool> table_kernel_rows(const Case& c) {
+  std::vector<bool> rows(c.M, false);
+  const int64_t esize = dtype_size(c.dtype);
+  const bool table = !c.prefill && c.dtype != DType::kFloat32 && c.K > 0 && c.K % 64 == 0 &&
+                     c.blocksize >= 64 && c.packed_offset == 0 && (c.a_offset * esize) % 16 == 0 &&
+                     (c.lda * esize) % 16 == 0;
+  if (!table) return rows;
+  const int64_t elements = c.N * c.K;
+  for (int64_t m0 = 0; m0 < c.M;) {
+    const int64_t left = c.M - m0;
+    const bool ffma =
+        (left == 2 && elements <= (int64_t{1} << 24)) || (left == 3 && elements <= (int64_t{1} << 23));
+    const int64_t n = left >= 2 && !ffma ? std::min<int64_t>(left, 16) : std::min<int64_t>(left, 3);
+    for (int64_t m = m0; m < m0 + n; ++m) rows[m] = left >= 2 && !ffma;
+    m0 += n;
+  }
+  return rows;
+}
+
 // Runs one case and compares every output with the reference (failures reported through gtest).
 void run_case(const Case& c, uint64_t seed) {
   SCOPED_TRACE(describe(c));
@@ -266,8 +294,10 @@ void run_case(const Case& c, uint64_t seed) {
               cudaSuccess);
   }
 
-  // Reference: dequantized weights in float32 (level * scale), products and sums in double.
-  std::vector<double> wrow(c.K);
+  // Reference: dequantized weights in float32 (level * scale), products and sums in double; for the rows
+  // of A the table kernel computes, the level rounded to A's type first.
+  const std::vector<bool> rounded_levels = table_kernel_rows(c);
+  std::vector<double> wrow(c.K), wrow_rounded(c.K);
   const double unit = c.dtype == DType::kBFloat16  ? std::ldexp(1.0, -8)
                       : c.dtype == DType::kFloat16 ? std::ldexp(1.0, -11)
                                                    : 0.0;
@@ -277,14 +307,19 @@ void run_case(const Case& c, uint64_t seed) {
       const int64_t e = j * c.K + k;
       const uint8_t byte = w.packed[e / 2];
       const int code = (e % 2 == 0) ? (byte >> 4) : (byte & 15);
-      const float wf = level_4bit(c.qtype, code) * w.scale[e / c.blocksize];
-      wrow[k] = wf;
+      const float level = level_4bit(c.qtype, code);
+      wrow[k] = level * w.scale[e / c.blocksize];
+      if (c.dtype != DType::kFloat32) {
+        wrow_rounded[k] =
+            static_cast<double>(from_bits(to_bits(level, c.dtype), c.dtype)) * w.scale[e / c.blocksize];
+      }
     }
     for (int64_t m = 0; m < c.M; ++m) {
       double sum = 0.0, abs_sum = 0.0;
       const float* am = a.data() + m * c.K;
+      const std::vector<double>& wm = rounded_levels[m] ? wrow_rounded : wrow;
       for (int64_t k = 0; k < c.K; ++k) {
-        const double p = static_cast<double>(am[k]) * wrow[k];
+        const double p = static_cast<double>(am[k]) * wm[k];
         sum += p;
         abs_sum += std::fabs(p);
       }
@@ -457,7 +492,7 @@ TEST(CudaGemm4bit, TableKernelTileShapes) {
 // more), M and N not multiples of the tiles, split K (few tiles) and one split (many), blocksizes from
 // 64, nested scales, both dtypes, strided A.
 // 2 and 3 rows of A on the table kernel: weights just past the sizes below which those row counts take the
-// FFMA kernel (2^26 elements for 2 rows, 2^23 for 3).
+// FFMA kernel (2^24 elements for 2 rows, 2^23 for 3).
 TEST(CudaGemm4bit, TableKernelTwoAndThreeRows) {
   SKIP_WITHOUT_CUDA();
   uint64_t seed = 750;
