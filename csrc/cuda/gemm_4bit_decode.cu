@@ -56,8 +56,7 @@
 // 2048 codes a warp moves ~32 shared-memory wavefronts of table data (2 bytes per code), the FFMA
 // kernel ~64 of shuffles; both are bound by issue and latency, not by DRAM. Measured: M = 1 85-91% of the
 // device-to-device copy rate on 128256x4096, 66-72% on 14336x4096 and 4096x14336, 52% on 4096x4096;
-// M = 4 45-55% and M = 16 35-43% on the three large shapes (1.5x and 1.9x the M = 1 time on the
-// 33 MB ones).
+// M = 4 49-57% and M = 16 38-47% on the three large shapes (1.34-1.49x and 1.64-1.84x the M = 1 time).
 //
 // Limits: sm_80 or newer (mma.sync bf16, cvt.rn.bf16x2, L2 fetch-size hint); dependent launch and
 // the L2 bulk prefetch only on sm_90 and newer. 64-bit element indices; N < 2^33 (grid x dimension
