@@ -8,7 +8,8 @@ applies, into the columns forced_<path>_us: the data behind the dispatch rule in
 
 Llama-3-8B layer shapes (N x K), bf16 activations, NF4, blocksize 64, with and without double
 quantization. Each configuration is timed as CUDA-graph replays over enough weight copies that the
-weights are not served from the 50 MB L2; median microseconds per call. Bytes for the bandwidth column:
+weights are not served from the 50 MB L2; median microseconds per call, halfbyte, bf16 and bitsandbytes
+timed in alternating rounds (timing.interleaved_median_us). Bytes for the bandwidth column:
 packed weights + absmax + activations + output.
 """
 
@@ -22,7 +23,15 @@ from functools import partial
 import halfbyte
 import halfbyte.functional as F
 import torch
-from timing import bitsandbytes_or_none, copy_bandwidth_gbs, environment, layer_row, median_us_per_call, report
+from timing import (
+    bitsandbytes_or_none,
+    copy_bandwidth_gbs,
+    environment,
+    interleaved_median_us,
+    layer_row,
+    median_us_per_call,
+    report,
+)
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
 
@@ -63,11 +72,15 @@ def main() -> None:
             for M in batches:
                 x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
                 nbytes = packed_bytes + absmax_bytes + 2 * M * K + 2 * M * N
-                us = median_us_per_call([partial(halfbyte.matmul_4bit, x, p.t(), s) for p, s in ours])
-                bnb_calls = [partial(bnb.matmul_4bit, x, p.t(), s) for p, s in theirs]
-                bnb_us = median_us_per_call(bnb_calls) if bnb else None
-                bf16_calls = [partial(torch.nn.functional.linear, x, w) for w in weights[:bf16_copies]]
-                bf16_us = median_us_per_call(bf16_calls)
+                # the three measured in alternating rounds: at large M the calls are compute-bound and the
+                # clock drifts with power between back-to-back measurements
+                competitors = [[partial(halfbyte.matmul_4bit, x, p.t(), s) for p, s in ours]]
+                competitors.append([partial(torch.nn.functional.linear, x, w) for w in weights[:bf16_copies]])
+                if bnb:
+                    competitors.append([partial(bnb.matmul_4bit, x, p.t(), s) for p, s in theirs])
+                times = interleaved_median_us(competitors)
+                us, bf16_us = times[0], times[1]
+                bnb_us = times[2] if bnb else None
                 forced_us = {}
                 for path in forced:
                     os.environ["HALFBYTE_GEMM_4BIT_KERNEL"] = path  # read when the graph is captured

@@ -10,14 +10,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def median_us_per_call(calls: Sequence[Callable[[], object]], repeats: int = 50, graph: bool = True) -> float:
-    """Median microseconds of one call, timing a pass over `calls` (e.g. one per weight copy, so the data
-    is not served from L2). With graph=True the pass is captured once and replayed; if capture fails
-    (a library that copies from the host), the calls are launched eagerly instead."""
-    for call in calls:  # warm-up: module loading, caches, autotuning
+def _timed_pass(calls: Sequence[Callable[[], object]], graph: bool) -> Callable[[], None]:
+    """A function running one pass over `calls`: a captured CUDA graph's replay, or the eager calls when capture
+    fails (a library that copies from the host). Runs the calls once first (module loading, caches, autotuning)."""
+    for call in calls:
         call()
     torch.cuda.synchronize()
-    run = None
     if graph:
         try:
             stream = torch.cuda.Stream()
@@ -30,17 +28,18 @@ def median_us_per_call(calls: Sequence[Callable[[], object]], repeats: int = 50,
             with torch.cuda.graph(g):
                 for call in calls:
                     call()
-            run = g.replay
+            return g.replay
         except RuntimeError:
             torch.cuda.synchronize()
-            run = None
-    if run is None:
 
-        def run():
-            for call in calls:
-                call()
+    def run():
+        for call in calls:
+            call()
 
-    run()
+    return run
+
+
+def _sample_us(run: Callable[[], None], ncalls: int, repeats: int) -> list[float]:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(repeats):
@@ -48,8 +47,32 @@ def median_us_per_call(calls: Sequence[Callable[[], object]], repeats: int = 50,
         run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / len(calls))
-    return statistics.median(times)
+        times.append(start.elapsed_time(end) * 1000.0 / ncalls)
+    return times
+
+
+def median_us_per_call(calls: Sequence[Callable[[], object]], repeats: int = 50, graph: bool = True) -> float:
+    """Median microseconds of one call, timing a pass over `calls` (e.g. one per weight copy, so the data
+    is not served from L2). With graph=True the pass is captured once and replayed; if capture fails
+    (a library that copies from the host), the calls are launched eagerly instead."""
+    run = _timed_pass(calls, graph)
+    run()
+    return statistics.median(_sample_us(run, len(calls), repeats))
+
+
+def interleaved_median_us(
+    call_lists: Sequence[Sequence[Callable[[], object]]], rounds: int = 5, repeats: int = 10, graph: bool = True
+) -> list[float]:
+    """median_us_per_call for several competitors, measured in alternating rounds (each round times every
+    competitor `repeats` times), so that a drift of the GPU's clock or power state during the measurement
+    (large compute-bound calls) is shared by all of them instead of favouring whichever ran first."""
+    runs = [_timed_pass(calls, graph) for calls in call_lists]
+    samples: list[list[float]] = [[] for _ in call_lists]
+    for _ in range(rounds):
+        for run, calls, out in zip(runs, call_lists, samples, strict=True):
+            run()
+            out.extend(_sample_us(run, len(calls), repeats))
+    return [statistics.median(s) for s in samples]
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
