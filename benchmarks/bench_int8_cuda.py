@@ -5,8 +5,9 @@
 Llama-3-8B layer shapes (N x K), bf16 activations, Linear8bitLt with threshold 0 and has_fp16_weights=False in
 both libraries (no bias), against F.linear with the bf16 weight. Each configuration is timed as CUDA-graph replays
 (timing.py) over enough weight copies that the weights are not served from the 50 MB L2; median microseconds per
-call. halfbyte runs its weight-only kernel up to 16 rows and LLM.int8 (int8 activations, cuBLASLt int8 matmul)
-above; bitsandbytes runs LLM.int8 at every batch size. Bytes for the bandwidth column: int8 weight + SCB +
+call, the three timed in alternating rounds (timing.interleaved_median_us). halfbyte runs its weight-only kernel up
+to 16 rows and LLM.int8 (int8 activations, cuBLASLt int8 matmul) above; bitsandbytes runs LLM.int8 at every batch
+size. Bytes for the bandwidth column: int8 weight + SCB +
 activations + output. The last column is halfbyte's relative error against the bf16 F.linear (int8 weights,
 and int8 activations above 16 rows: about 1e-2 is expected), a check that the kernels computed the product.
 """
@@ -20,7 +21,7 @@ from functools import partial
 
 import halfbyte
 import torch
-from timing import bitsandbytes_or_none, copy_bandwidth_gbs, environment, layer_row, median_us_per_call, report
+from timing import bitsandbytes_or_none, copy_bandwidth_gbs, environment, interleaved_median_us, layer_row, report
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
 
@@ -65,9 +66,14 @@ def main() -> None:
             x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
             nbytes = N * K + 4 * N + 2 * M * K + 2 * M * N
             with torch.inference_mode():
-                us = median_us_per_call([partial(layer, x) for layer in ours])
-                bnb_us = median_us_per_call([partial(layer, x) for layer in theirs]) if bnb else None
-                bf16_us = median_us_per_call([partial(torch.nn.functional.linear, x, w) for w in weights[:bf16_copies]])
+                # alternating rounds: compute-bound calls measured back to back see different clocks
+                competitors = [[partial(layer, x) for layer in ours]]
+                competitors.append([partial(torch.nn.functional.linear, x, w) for w in weights[:bf16_copies]])
+                if bnb:
+                    competitors.append([partial(layer, x) for layer in theirs])
+                times = interleaved_median_us(competitors)
+                us, bf16_us = times[0], times[1]
+                bnb_us = times[2] if bnb else None
                 err = relative_error(ours[0](x), torch.nn.functional.linear(x, weights[0]))
             rows.append(layer_row(N, K, M, nbytes, us, bnb_us, bf16_us, copy) | {"rel_err_vs_bf16": err})
             print(rows[-1], flush=True)
