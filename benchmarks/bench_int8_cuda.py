@@ -7,9 +7,9 @@ both libraries (no bias), against F.linear with the bf16 weight. Each configurat
 (timing.py) over enough weight copies that the weights are not served from the 50 MB L2; median microseconds per
 call, the three timed in alternating rounds (timing.interleaved_median_us). halfbyte runs its weight-only kernel up
 to 16 rows and LLM.int8 (int8 activations, cuBLASLt int8 matmul) above; bitsandbytes runs LLM.int8 at every batch
-size. Bytes for the bandwidth column: int8 weight + SCB +
-activations + output. The last column is halfbyte's relative error against the bf16 F.linear (int8 weights,
-and int8 activations above 16 rows: about 1e-2 is expected), a check that the kernels computed the product.
+size. Bytes for the bandwidth column: int8 weight + SCB + activations + output. The last column is halfbyte's
+relative error against the bf16 F.linear (int8 weights, and int8 activations above 16 rows: about 1e-2 is
+expected), a check that the kernels computed the product.
 """
 
 from __future__ import annotations

@@ -523,7 +523,9 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kDType, kMT>())
   }
 }
 
-// ---- tensor cores: pieces shared by the two MMA kernels ------------------------------------------
+// ---- tensor cores: pieces of the two MMA kernels ---------------------------------------------------
+// ActFragment and mma_weight_pair: the scale-before kernel's exact bf16 hi + lo products;
+// store_block_tile: both kernels' tile reduction.
 
 // The activation operand of one k-step for one 8-row tile of A: b0 holds k-slots (2q, 2q+1) and b1
 // k-slots (2q+8, 2q+9) of row g, as 16-bit pairs. float16 A is split exactly into bf16 hi + lo.
@@ -737,8 +739,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, (mma_min_blocks<kDType, kNT>()
 // chunk of 4 segments, 8 rows x 4 segments per warp load, and passed to the lanes that need them
 // with shuffles.
 
-constexpr int kTableBytes =
-    256 * 256;  // per code byte: the level pair of each of the 32 lanes (128 B), 128 B unused
+// Per code byte, 256 bytes: the level pair of each of the 32 lanes (128 B), then 128 B unused.
+constexpr int kTableBytes = 256 * 256;
 constexpr int kNestedCodeBytes = 256 * 4;  // the nested code, for double-quantized scales
 constexpr int kChunkSegments = 4;          // segments per chunk: a warp loads a chunk's scales at once
 constexpr int kPairsPerChunk = kChunkSegments / 2;

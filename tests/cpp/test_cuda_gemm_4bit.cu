@@ -488,9 +488,6 @@ TEST(CudaGemm4bit, TableKernelTileShapes) {
   }
 }
 
-// The tensor-core kernel for larger M (gemm_4bit_prefill): every tile height (M up to 16, 32, 64,
-// more), M and N not multiples of the tiles, split K (few tiles) and one split (many), blocksizes from
-// 64, nested scales, both dtypes, strided A.
 // 2 and 3 rows of A on the table kernel: weights just past the sizes below which those row counts take the
 // FFMA kernel (2^24 elements for 2 rows, 2^23 for 3).
 TEST(CudaGemm4bit, TableKernelTwoAndThreeRows) {
@@ -507,6 +504,9 @@ TEST(CudaGemm4bit, TableKernelTwoAndThreeRows) {
   }
 }
 
+// The tensor-core kernel for larger M (gemm_4bit_prefill): every tile height (M up to 16, 32, 64,
+// more), M and N not multiples of the tiles, split K (few tiles) and one split (many), blocksizes from
+// 64, nested scales, both dtypes, strided A.
 TEST(CudaGemm4bit, PrefillKernel) {
   SKIP_WITHOUT_CUDA();
   uint64_t seed = 900;
