@@ -166,16 +166,31 @@ def test_mm_dequant_matches_reference(device, dtype, bias_dtype):
     assert default.dtype == torch.float16 and default.shape == (3, 3, 36)
 
 
+# On an H100 most of these shapes take the fused sm_90a kernel (K % 16 == 0, N % 8 == 0; a split K when there are
+# few 128 x 128 tiles); (5, 300, 30) takes the two-step path. Both must give the two-step result bit for bit.
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_scaled_mm_is_matmul_then_dequant(device, dtype):
-    A, B = int8_tensor((20, 96), device, 8), int8_tensor((24, 96), device, 9)
-    row_stats = random_tensor((20,), torch.float32, device, seed=4).abs()
-    col_stats = random_tensor((24,), torch.float32, device, seed=5).abs()
-    bias = random_tensor((24,), dtype, device, seed=6)
+@pytest.mark.parametrize("M, K, N", [(20, 96, 24), (1, 16, 8), (130, 4096, 264), (300, 272, 1032), (5, 300, 30)])
+def test_scaled_mm_is_matmul_then_dequant(device, dtype, M, K, N):
+    A, B = int8_tensor((M, K), device, 8), int8_tensor((N, K), device, 9)
+    row_stats = random_tensor((M,), torch.float32, device, seed=4).abs()
+    col_stats = random_tensor((N,), torch.float32, device, seed=5).abs() / 16
+    bias = random_tensor((N,), dtype, device, seed=6)
     out = ops.int8_scaled_mm(A, B, row_stats, col_stats, bias=bias, dtype=dtype)
     want = ops.int8_mm_dequant(ops.int8_linear_matmul(A, B), row_stats, col_stats, dtype=dtype, bias=bias)
     assert_same_bits(out, want)
     assert ops.int8_scaled_mm(A, B, row_stats, col_stats).dtype == torch.float16
+    A3 = A.view(1, M, K) if M > 1 else A.view(1, 1, K)  # leading batch dimensions
+    assert_same_bits(ops.int8_scaled_mm(A3, B, row_stats, col_stats, bias=bias, dtype=dtype), want.view(1, M, N))
+
+
+def test_scaled_mm_wraps_like_the_int32_matmul(device):
+    K = 133152  # 127 * 127 * K passes 2^31: the int32 sum wraps, in both paths
+    A = torch.full((3, K), 127, dtype=torch.int8, device=device)
+    stats = torch.ones(3, device=device)
+    col_stats = torch.ones(8, device=device)
+    want = ops.int8_mm_dequant(ops.int8_linear_matmul(A, A[:1].expand(8, K)), stats, col_stats, dtype=torch.float32)
+    assert (want < 0).all()
+    assert_same_bits(ops.int8_scaled_mm(A, A[:1].expand(8, K), stats, col_stats, dtype=torch.float32), want)
 
 
 # ---- int8_linear ------------------------------------------------------------------------------------------
