@@ -179,12 +179,12 @@ def test_scaled_mm_is_matmul_then_dequant(device, dtype, M, K, N):
     want = ops.int8_mm_dequant(ops.int8_linear_matmul(A, B), row_stats, col_stats, dtype=dtype, bias=bias)
     assert_same_bits(out, want)
     assert ops.int8_scaled_mm(A, B, row_stats, col_stats).dtype == torch.float16
-    A3 = A.view(1, M, K) if M > 1 else A.view(1, 1, K)  # leading batch dimensions
+    A3 = A.view(1, M, K)  # leading batch dimensions
     assert_same_bits(ops.int8_scaled_mm(A3, B, row_stats, col_stats, bias=bias, dtype=dtype), want.view(1, M, N))
 
 
 def test_scaled_mm_wraps_like_the_int32_matmul(device):
-    K = 133152  # 127 * 127 * K passes 2^31: the int32 sum wraps, in both paths
+    K = 133152  # 127 * 127 * K passes 2^31: the int32 sum wraps, and int8_scaled_mm wraps the same way
     A = torch.full((3, K), 127, dtype=torch.int8, device=device)
     stats = torch.ones(3, device=device)
     col_stats = torch.ones(8, device=device)

@@ -32,7 +32,7 @@
 //   dequantized to float32 level * scale first (levels by warp shuffle: lane L holds table[L % 16])
 //   and split into bf16 hi + lo per code.
 // - gemv_4bit_kernel: M = 1 with 16-bit A, float32 A (any M, chunks of up to 4 rows), M <= 3 where no
-//   tensor-core kernel applies, and 2 or 3 rows on weights below 2^24 / 2^23 elements (ffma_rows).
+//   tensor-core kernel applies, and 2 or 3 rows on weights below 2^24 / 2^23 elements (gemm_4bit_ffma_rows).
 //   A block of 128 threads owns 8 rows of W (4 when M > 1 or float32); its threads stride over the chunks
 //   (one 16-byte load per row and chunk, all rows in flight, L1 bypassed), read the matching elements of A
 //   with 16-byte loads (L1-cached), look each code up with one warp shuffle (lane L holds table[L % 16]; shfl
@@ -1317,16 +1317,6 @@ cudaError_t launch_generic(const GemmArgs& args, bool nested, cudaStream_t strea
   return cudaGetLastError();
 }
 
-// Whether `rows` (2 or 3) rows of 16-bit A take the FFMA kernel rather than the table kernel: the table
-// kernel's persistent grid and table cost about 5.5 us on an H100 whatever the size, the FFMA kernel's time
-// grows with the rows of A. Measured (bf16, NF4, blocksize 64, FFMA vs table): M = 2 on 1024x4096 3.4 vs
-// 5.7 us, 4096x4096 8.3 vs 8.4, 14336x4096 23.6 vs 21.4, 128256x4096 182 vs 168; M = 3 on 1024x4096 4.6
-// vs 6.6 (table before its levels were rounded to A's type), 4096x4096 11.7 vs 9.5 (same).
-constexpr bool ffma_rows(int64_t rows, int64_t weight_elements) {
-  return (rows == 2 && weight_elements <= (int64_t{1} << 24)) ||
-         (rows == 3 && weight_elements <= (int64_t{1} << 23));
-}
-
 template <int kDType>
 cudaError_t gemm_4bit_typed(GemmArgs args, int64_t M, bool nested, cudaStream_t stream) {
   constexpr int64_t kElem = kDType == kF32 ? 4 : 2;
@@ -1340,8 +1330,8 @@ cudaError_t gemm_4bit_typed(GemmArgs args, int64_t M, bool nested, cudaStream_t 
   }
   const bool a_vec = reinterpret_cast<uintptr_t>(args.A) % 16 == 0 && (args.lda * kElem) % 16 == 0;
   // Tensor cores for 16-bit A: the table kernel for every row count when a 64-column segment lies in
-  // one block and A's rows are 16-byte aligned (except 2 or 3 rows on smaller weights: ffma_rows); else
-  // the scale-before kernel from 4 rows on (the FFMA kernel below that).
+  // one block and A's rows are 16-byte aligned (except 2 or 3 rows on smaller weights: gemm_4bit_ffma_rows);
+  // else the scale-before kernel from 4 rows on (the FFMA kernel below that).
   const bool table =
       kDType != kF32 && args.K % 64 == 0 && args.log2_blocksize >= 6 && a_vec && args.K < (int64_t{1} << 31);
   const char* a_base = static_cast<const char*>(args.A);
@@ -1352,7 +1342,8 @@ cudaError_t gemm_4bit_typed(GemmArgs args, int64_t M, bool nested, cudaStream_t 
     chunk.A = a_base + m0 * args.lda * kElem;
     chunk.out = out_base + m0 * args.N * kElem;
     cudaError_t err = cudaSuccess;
-    if (kDType != kF32 && left >= (table ? kTableMinRows : 4) && !ffma_rows(left, args.N * args.K)) {
+    if (kDType != kF32 && left >= (table ? kTableMinRows : 4) &&
+        !gemm_4bit_ffma_rows(left, args.N * args.K)) {
       chunk.rows = static_cast<int>(left < kMmaMaxM ? left : kMmaMaxM);
       if constexpr (kDType != kF32) {
         if (table) {

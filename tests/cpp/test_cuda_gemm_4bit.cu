@@ -209,8 +209,8 @@ struct DeviceWeight {
 // Rows of A that gemm_4bit sends through the table kernel, which multiplies levels rounded to A's type (the
 // dispatch loop of gemm_4bit_typed in gemm_4bit_decode.cu, replayed): 16-bit A with 16-byte aligned rows,
 // aligned codes, K % 64 == 0, blocksize >= 64; launches of at most 16 rows, each of at least 2 rows, except
-// that 2 rows on at most 2^24 weight elements and 3 rows on at most 2^23 take the FFMA kernel (as do single
-// rows), in launches of at most 3 rows.
+// that 2 or 3 rows on small weights (gemm_4bit_ffma_rows) take the FFMA kernel (as do single rows), in
+// launches of at most 3 rows.
 std::vector<bool> table_kernel_rows(const Case& c) {
   std::vector<bool> rows(c.M, false);
   const int64_t esize = dtype_size(c.dtype);
@@ -221,8 +221,7 @@ std::vector<bool> table_kernel_rows(const Case& c) {
   const int64_t elements = c.N * c.K;
   for (int64_t m0 = 0; m0 < c.M;) {
     const int64_t left = c.M - m0;
-    const bool ffma =
-        (left == 2 && elements <= (int64_t{1} << 24)) || (left == 3 && elements <= (int64_t{1} << 23));
+    const bool ffma = cuda::gemm_4bit_ffma_rows(left, elements);
     const int64_t n = left >= 2 && !ffma ? std::min<int64_t>(left, 16) : std::min<int64_t>(left, 3);
     for (int64_t m = m0; m < m0 + n; ++m) rows[m] = left >= 2 && !ffma;
     m0 += n;

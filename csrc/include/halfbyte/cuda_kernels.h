@@ -57,6 +57,17 @@ cudaError_t gemm_4bit(const void* A, DType dtype, int64_t M, int64_t K, int64_t 
                       BlockScales scales, const float* table, int64_t N, int64_t blocksize, const void* bias,
                       void* out, cudaStream_t stream);
 
+// Whether `rows` (2 or 3) rows of 16-bit A in one launch of gemm_4bit take the FFMA kernel rather than the
+// table kernel (the dispatch reads it, and the GoogleTest that replays the dispatch): the table kernel's
+// persistent grid and table cost about 5.5 us on an H100 whatever the size, the FFMA kernel's time grows with
+// the rows of A. Measured (bf16, NF4, blocksize 64, FFMA vs table): M = 2 on 1024x4096 3.4 vs 5.7 us,
+// 4096x4096 8.3 vs 8.4, 14336x4096 23.6 vs 21.4, 128256x4096 182 vs 168; M = 3 on 1024x4096 4.6 vs 6.6 (table
+// before its levels were rounded to A's type), 4096x4096 11.7 vs 9.5 (same).
+inline constexpr bool gemm_4bit_ffma_rows(int64_t rows, int64_t weight_elements) {
+  return (rows == 2 && weight_elements <= (int64_t{1} << 24)) ||
+         (rows == 3 && weight_elements <= (int64_t{1} << 23));
+}
+
 // gemm_4bit for larger M on tensor cores (gemm_4bit_prefill.cu): same contract as gemm_4bit for the
 // arguments gemm_4bit_prefill_supported accepts (16-bit A with 16-byte aligned rows, K % 64 == 0,
 // N % 8 == 0, blocksize >= 64, `packed` 16-byte aligned, nested absmax codes (nullptr when plain) 4-byte
