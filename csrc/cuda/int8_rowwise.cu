@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "halfbyte/int8_cuda_kernels.h"
+#include "int8_output_elements.cuh"
 
 namespace halfbyte::cuda {
 namespace {
@@ -146,20 +147,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__device__ __forceinline__ float bias_at(const void* bias, DType dtype, int64_t c) {
-  if (bias == nullptr) return 0.0f;
-  if (dtype == DType::kFloat32) return __ldg(static_cast<const float*>(bias) + c);
-  const unsigned short bits = __ldg(static_cast<const unsigned short*>(bias) + c);
-  return dtype == DType::kBFloat16 ? __uint_as_float(static_cast<uint32_t>(bits) << 16)
-                                   : __half2float(__ushort_as_half(bits));
-}
-
-__device__ __forceinline__ unsigned short bits16(__half, float v) {
-  return __half_as_ushort(__float2half_rn(v));
-}
-__device__ __forceinline__ unsigned short bits16(__nv_bfloat16, float v) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
+using int8_output::bias_at;
+using int8_output::bits16;
 
 __device__ __forceinline__ void store1(float* out, int64_t i, float v) { out[i] = v; }
 

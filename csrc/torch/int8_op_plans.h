@@ -201,6 +201,25 @@ struct MmDequantPlan {
   std::vector<int64_t> out_shape;
 };
 
+// The output dtype (float16 by default) and the bias (N entries, one per `per`) of a dequantized product;
+// fills out_dtype, bias and bias_dtype of p.
+inline at::ScalarType check_dequant_output(const char* op, const at::Tensor& A, int64_t N, const char* per,
+                                           c10::optional<at::ScalarType> dtype,
+                                           const c10::optional<at::Tensor>& bias, MmDequantPlan& p) {
+  const at::ScalarType out_dtype = dtype.value_or(at::kHalf);
+  check_output_dtype(op, out_dtype);
+  p.out_dtype = to_dtype(out_dtype);
+  if (bias.has_value()) {
+    check_same_device(op, "bias", *bias, A);
+    check_float_input(op, "bias", *bias);
+    TORCH_CHECK_VALUE(bias->numel() == N, message(op, ": bias must have ", N, " entries (one per ", per,
+                                                  "), got ", bias->numel()));
+    p.bias = bias->contiguous();
+    p.bias_dtype = to_dtype(bias->scalar_type());
+  }
+  return out_dtype;
+}
+
 inline MmDequantPlan plan_mm_dequant(const char* op, const at::Tensor& A, const at::Tensor& row_stats,
                                      const at::Tensor& col_stats, c10::optional<at::ScalarType> dtype,
                                      const c10::optional<at::Tensor>& bias) {
@@ -211,17 +230,7 @@ inline MmDequantPlan plan_mm_dequant(const char* op, const at::Tensor& A, const 
   p.rows = leading_rows(A);
   check_stats(op, "row_stats", row_stats, p.rows, A, "row of A");
   check_stats(op, "col_stats", col_stats, p.N, A, "column of A");
-  const at::ScalarType out_dtype = dtype.value_or(at::kHalf);
-  check_output_dtype(op, out_dtype);
-  p.out_dtype = to_dtype(out_dtype);
-  if (bias.has_value()) {
-    check_same_device(op, "bias", *bias, A);
-    check_float_input(op, "bias", *bias);
-    TORCH_CHECK_VALUE(bias->numel() == p.N, message(op, ": bias must have ", p.N,
-                                                    " entries (one per column of A), got ", bias->numel()));
-    p.bias = bias->contiguous();
-    p.bias_dtype = to_dtype(bias->scalar_type());
-  }
+  const at::ScalarType out_dtype = check_dequant_output(op, A, p.N, "column of A", dtype, bias, p);
   p.A2 = A.reshape({p.rows, p.N}).contiguous();
   p.row_stats = row_stats.contiguous();
   p.col_stats = col_stats.contiguous();

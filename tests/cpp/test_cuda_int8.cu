@@ -1,6 +1,7 @@
-// GoogleTest of the INT8 CUDA kernels (csrc/cuda/int8_rowwise.cu, int8_weight_only_gemm.cu) on raw device
-// buffers: the row-wise quantization and int8_mm_dequant against the CPU kernels bit for bit, the weight-only
-// linear against a float64 host reference. Skipped when no CUDA device is present.
+// GoogleTest of the INT8 CUDA kernels (csrc/cuda/int8_rowwise.cu, int8_weight_only_gemm.cu,
+// int8_scaled_mm.cu) on raw device buffers: the row-wise quantization and int8_mm_dequant against the CPU
+// kernels bit for bit, the weight-only linear against a float64 host reference, the fused scaled matmul
+// against the int32 path bit for bit. Skipped when no CUDA device is present.
 //
 // Weight-only tolerance: |out - ref| <= 1e-5 * sum_k |a * w| * scale + u * |ref|: float32 tensor-core
 // accumulation in another order than the reference, then the rounding to the output dtype (u = 2^-8 bfloat16,
@@ -243,6 +244,109 @@ TEST(CudaInt8, WeightOnlyLinearRejectsWhatItDoesNotSupport) {
   EXPECT_EQ(
       cuda::int8_weight_only_linear(A, DType::kBFloat16, 2, 72, 72, W, nullptr, 4, nullptr, nullptr, nullptr),
       cudaErrorInvalidValue);
+}
+
+// The fused int8_scaled_mm (sm_90a) against the two-step definition computed on the host: the exact int32
+// sum (wrapping modulo 2^32) and int8_mm_dequant_value, rounded to the output dtype; bit for bit. The cases
+// cover one and many tiles of 128 x 128 and 128 x 256, rows of A and B past a tile's end, K past a 128-byte
+// stage, split K (few tiles, long K), the three output dtypes, float32 and 16-bit bias, and a sum that wraps
+// past 2^31.
+struct ScaledMmCase {
+  int64_t M, N, K;
+  DType out, bias;  // bias kFloat32 / kBFloat16 / kFloat16; `none` below when absent
+  bool has_bias, extreme;
+};
+
+TEST(CudaInt8, ScaledMmMatchesTheInt32PathBitForBit) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  {
+    Device probe(256);
+    if (!cuda::int8_scaled_mm_supported(probe.get<int8_t>(), probe.get<int8_t>(), 1, 8, 16,
+                                        probe.get<void>()))
+      GTEST_SKIP() << "the fused kernel needs compute capability 9.0 and a 90a build";
+  }
+  const ScaledMmCase cases[] = {
+      {1, 8, 16, DType::kBFloat16, DType::kBFloat16, true, false},
+      {20, 24, 96, DType::kFloat16, DType::kFloat16, true, false},
+      {130, 264, 4096, DType::kBFloat16, DType::kFloat32, true, false},  // few tiles: split K
+      {300, 1032, 272, DType::kFloat32, DType::kFloat32, false, false},  // K past a stage, many tiles
+      {129, 136, 4112, DType::kBFloat16, DType::kBFloat16, false, false},
+      {260, 4224, 144, DType::kBFloat16, DType::kFloat16, true, false},  // 256-row tiles of A, a 4-row tail
+      {3, 8, 133152, DType::kFloat32, DType::kFloat32, false, true},     // 127 * 127 * K wraps past 2^31
+  };
+  for (const auto& t : cases) {
+    std::mt19937 rng(static_cast<unsigned>(t.M * 7 + t.N + t.K));
+    std::uniform_int_distribution<int> dist(-127, 127);
+    std::vector<int8_t> A(t.M * t.K), B(t.N * t.K);
+    for (auto& v : A) v = static_cast<int8_t>(t.extreme ? 127 : dist(rng));
+    for (auto& v : B) v = static_cast<int8_t>(t.extreme ? 127 : dist(rng));
+    auto row_stats = normal_values(t.M, 21, 2.0f), col_stats = normal_values(t.N, 22, 0.1f);
+    for (auto& v : row_stats) v = std::fabs(v);
+    for (auto& v : col_stats) v = std::fabs(v);
+    const auto bias_f = normal_values(t.N, 23);
+    std::vector<uint16_t> bias16 =
+        to_16bit(bias_f, t.bias == DType::kFloat16 ? DType::kFloat16 : DType::kBFloat16);
+    const void* bias_host =
+        t.bias == DType::kFloat32 ? static_cast<const void*>(bias_f.data()) : bias16.data();
+    const size_t bias_bytes = t.N * (t.bias == DType::kFloat32 ? 4 : 2);
+    const size_t out_bytes = t.M * t.N * (t.out == DType::kFloat32 ? 4 : 2);
+    Device d_A(A.data(), A.size()), d_B(B.data(), B.size()), d_rows(row_stats.data(), t.M * 4),
+        d_cols(col_stats.data(), t.N * 4), d_bias(bias_host, bias_bytes), d_out(out_bytes);
+    ASSERT_TRUE(cuda::int8_scaled_mm_supported(d_A.get<int8_t>(), d_B.get<int8_t>(), t.M, t.N, t.K,
+                                               d_out.get<void>()));
+    cuda::Int8ScaledMmPlan plan;
+    ASSERT_EQ(cuda::int8_scaled_mm_plan(t.M, t.N, t.K, &plan), cudaSuccess);
+    if (t.K == 4096) EXPECT_GT(plan.splits, 1) << "this case is meant to split K";
+    if (t.N == 4224) EXPECT_EQ(plan.rows_a, 256) << "this case is meant to take 256 rows of A per tile";
+    Device d_work(static_cast<size_t>(plan.workspace_ints) * 4);
+    ASSERT_EQ(cuda::int8_scaled_mm(d_A.get<int8_t>(), d_B.get<int8_t>(), t.M, t.N, t.K, d_rows.get<float>(),
+                                   d_cols.get<float>(), t.has_bias ? d_bias.get<void>() : nullptr, t.bias,
+                                   t.out, d_out.get<void>(), plan,
+                                   plan.splits > 1 ? d_work.get<int32_t>() : nullptr, nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto out32 = d_out.download<uint32_t>(t.out == DType::kFloat32 ? t.M * t.N : 0);
+    const auto out16 = d_out.download<uint16_t>(t.out == DType::kFloat32 ? 0 : t.M * t.N);
+    for (int64_t m = 0; m < t.M; ++m) {
+      for (int64_t n = 0; n < t.N; ++n) {
+        uint32_t sum = 0;  // modulo 2^32, as the int32 accumulation wraps
+        for (int64_t k = 0; k < t.K; ++k)
+          sum += static_cast<uint32_t>(int32_t{A[m * t.K + k]} * int32_t{B[n * t.K + k]});
+        const float bias = !t.has_bias                 ? 0.0f
+                           : t.bias == DType::kFloat32 ? bias_f[n]
+                                                       : from_16bit(bias16[n], t.bias);
+        const float v = int8_mm_dequant_value(static_cast<int32_t>(sum), row_stats[m], col_stats[n], bias);
+        if (t.out == DType::kFloat32) {
+          ASSERT_EQ(out32[m * t.N + n], float_to_bits(v))
+              << "M " << t.M << " N " << t.N << " K " << t.K << " at " << m << ", " << n;
+        } else {
+          const uint16_t bits = t.out == DType::kFloat16 ? float_to_fp16(v) : float_to_bf16(v);
+          ASSERT_EQ(out16[m * t.N + n], bits)
+              << "M " << t.M << " N " << t.N << " K " << t.K << " at " << m << ", " << n;
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaInt8, ScaledMmRejectsWhatItDoesNotSupport) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  Device d(4096);
+  const int8_t* p = d.get<int8_t>();
+  if (!cuda::int8_scaled_mm_supported(p, p, 1, 8, 16, d.get<void>())) GTEST_SKIP() << "no sm_90a kernel here";
+  EXPECT_FALSE(cuda::int8_scaled_mm_supported(p, p, 0, 8, 16, d.get<void>()));
+  EXPECT_FALSE(cuda::int8_scaled_mm_supported(p, p, 1, 12, 16, d.get<void>()));  // N % 8
+  EXPECT_FALSE(cuda::int8_scaled_mm_supported(p, p, 1, 8, 24, d.get<void>()));   // K % 16
+  EXPECT_FALSE(cuda::int8_scaled_mm_supported(d.get<int8_t>(8), p, 1, 8, 16, d.get<void>()));
+  EXPECT_FALSE(cuda::int8_scaled_mm_supported(p, p, 1, 8, 16, d.get<char>(4)));
+  cuda::Int8ScaledMmPlan plan;
+  EXPECT_EQ(cuda::int8_scaled_mm(p, p, 1, 12, 16, d.get<float>(), d.get<float>(), nullptr, DType::kFloat32,
+                                 DType::kFloat32, d.get<void>(), plan, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  plan.splits = 2;  // a split plan without a workspace
+  EXPECT_EQ(cuda::int8_scaled_mm(p, p, 1, 8, 16, d.get<float>(), d.get<float>(), nullptr, DType::kFloat32,
+                                 DType::kFloat32, d.get<void>(), plan, nullptr, nullptr),
+            cudaErrorInvalidValue);
 }
 
 }  // namespace
