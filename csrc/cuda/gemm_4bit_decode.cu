@@ -71,6 +71,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "dependent_launch.cuh"
 #include "device_attributes.cuh"
 #include "halfbyte/cuda_kernels.h"
 #include "mma_sync.cuh"
@@ -324,25 +325,9 @@ struct WarpReduceScatter<V, 0> {
   static __device__ __forceinline__ int run(float*, int) { return 0; }
 };
 
-// ---- programmatic dependent launch (sm_90) ----------------------------------------------------------
-// The FFMA and table kernels are launched with programmatic stream serialization: a block may start
-// while the previous kernel on the stream is finishing. Until wait_for_prior_grids() it only asks L2
-// for weight rows (a prefetch, which reads nothing into registers and so cannot see stale data); every
-// read of A, scales or levels and every write comes after it, so the kernels stay ordered after
-// whatever ran before them.
-
-__device__ __forceinline__ void wait_for_prior_grids() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// The next kernel on the stream may launch (its blocks take SM slots as this grid's blocks leave).
-__device__ __forceinline__ void allow_dependent_grids() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
+// ---- programmatic dependent launch (sm_90): dependent_launch.cuh -------------------------------------
+using dependent_launch::allow_dependent_grids;
+using dependent_launch::wait_for_prior_grids;
 
 // Bytes [offset, offset + bytes) of rows [row0, row0 + rows) of the packed weight into L2, one bulk
 // prefetch per row, rows spread over `threads` threads. offset and bytes: multiples of 16, inside a row.
@@ -353,10 +338,8 @@ __device__ __forceinline__ void prefetch_rows_l2(const GemmArgs& args, int64_t r
   if (offset + bytes > row_bytes) bytes = row_bytes - offset;
   if (bytes <= 0) return;
   for (int64_t r = thread; r < rows && row0 + r < args.N; r += threads) {
-    asm volatile(
-        "cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(args.packed + (row0 + r) * row_bytes + offset),
-        "r"(static_cast<uint32_t>(bytes))
-        : "memory");
+    dependent_launch::prefetch_l2(args.packed + (row0 + r) * row_bytes + offset,
+                                  static_cast<uint32_t>(bytes));
   }
 #endif
 }
@@ -1127,35 +1110,6 @@ __global__ void __launch_bounds__(kGenericWarps * 32) gemm_4bit_generic_kernel(c
 
 // ---- launch ------------------------------------------------------------------------------------
 
-// Whether the current device runs programmatic dependent launches (sm_90 or newer).
-cudaError_t device_has_dependent_launch(bool& has) {
-  int major = 0;
-  const cudaError_t err = host::device_attribute<cudaDevAttrComputeCapabilityMajor>(major);
-  has = major >= 9;
-  return err;
-}
-
-// Launches a kernel that orders itself after the previous kernel with wait_for_prior_grids(), allowing
-// it to start early where the device supports it.
-template <typename... Params>
-cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream,
-                             Params... params) {
-  bool dependent = false;
-  const cudaError_t err = device_has_dependent_launch(dependent);
-  if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = dependent ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, params...);
-}
-
 // Blocks of kKernel (kThreads threads, kSmem bytes of dynamic shared memory) that the current device
 // holds at once: counted once per kernel and device, when the kernel's dynamic shared-memory limit is
 // raised. The table kernel is persistent and launches at most this many blocks.
@@ -1186,8 +1140,8 @@ template <int kDType, int kMT, bool kAVec, bool kNested, bool kWholeRows, bool k
 cudaError_t launch_gemv_kernel(const GemmArgs& args, cudaStream_t stream) {
   constexpr int kRows = gemv_rows<kDType, kMT>();
   const dim3 grid(static_cast<unsigned>((args.N + kRows - 1) / kRows));
-  return launch_dependent(gemv_4bit_kernel<kDType, kMT, kAVec, kNested, kWholeRows, kRowBlocks>, grid,
-                          kGemvThreads, 0, stream, args);
+  return dependent_launch::launch(gemv_4bit_kernel<kDType, kMT, kAVec, kNested, kWholeRows, kRowBlocks>, grid,
+                                  kGemvThreads, 0, stream, args);
 }
 
 template <int kDType, int kMT, bool kAVec, bool kNested>
@@ -1278,8 +1232,8 @@ cudaError_t launch_table_kernel(const GemmArgs& args, int resident, cudaStream_t
   constexpr auto kKernel = gemm_4bit_table_kernel<kDType, kNT, kNested, kWarps>;
   const TablePlan plan = make_table_plan(args, kWarps, resident);
   const dim3 grid(static_cast<unsigned>(plan.ntiles < resident ? plan.ntiles : resident));
-  return launch_dependent(kKernel, grid, kWarps * 32, table_kernel_smem_bytes<kNT, kWarps>(), stream, args,
-                          plan);
+  return dependent_launch::launch(kKernel, grid, kWarps * 32, table_kernel_smem_bytes<kNT, kWarps>(), stream,
+                                  args, plan);
 }
 
 // 8-warp blocks, or 16-warp ones (where registers allow) when there are fewer 32-row tiles than resident
