@@ -19,9 +19,10 @@
 // Epilogue: the accumulators go through shared memory (the drained ring) and leave as runs of 8 outputs
 // (16- or 32-byte stores).
 //
-// Limits: compute capability 9.0 with the 90a build (int8_scaled_mm_supported), K % 16 == 0 (the TMA row
-// stride), N % 8 == 0, A, B and out 16-byte aligned, M <= 65535 * 256, N < 2^31. Other shapes and devices
-// take int8_linear_matmul + int8_mm_dequant (csrc/torch/int8_cuda_ops.cpp).
+// Limits: compute capability 9.0 with the 90a build and a driver that hands out cuTensorMapEncodeTiled
+// (int8_scaled_mm_supported), K % 16 == 0 (the TMA row stride), N % 8 == 0, A, B and out 16-byte aligned,
+// M <= 65535 * 128, N and K < 2^31. Other shapes and devices take int8_linear_matmul + int8_mm_dequant
+// (csrc/torch/int8_cuda_ops.cpp).
 //
 // Expected bottleneck: the tensor pipe for large M (8 MOP of int8 work per 48 KB stage with 256 rows of A:
 // 1024 cycles at the SM's int8 peak, so the L2 must deliver ~48 B per cycle per SM), the weight stream
@@ -456,9 +457,10 @@ bool int8_scaled_mm_supported(const int8_t* A, const int8_t* B, int64_t M, int64
     return false;
   }
   int major = 0, minor = 0;
+  EncodeTiled encode = nullptr;  // a driver without the TMA map encoder: the two-step path instead
   return host::device_attribute<cudaDevAttrComputeCapabilityMajor>(major) == cudaSuccess &&
          host::device_attribute<cudaDevAttrComputeCapabilityMinor>(minor) == cudaSuccess && major == 9 &&
-         minor == 0;
+         minor == 0 && encode_tiled_function(encode) == cudaSuccess;
 #else
   (void)A, (void)B, (void)M, (void)N, (void)K, (void)out;
   return false;
