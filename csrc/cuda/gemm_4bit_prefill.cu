@@ -58,6 +58,7 @@
 #include "device_attributes.cuh"
 #include "halfbyte/cuda_kernels.h"
 #include "mma_sync.cuh"
+#include "wgmma_tiles.cuh"
 
 namespace halfbyte::cuda {
 namespace {
@@ -110,9 +111,7 @@ struct PrefillArgs {
 
 // ---- small pieces ---------------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using wgmma_tiles::smem_address;
 
 // 16-byte global -> shared copy, zero-filled when !valid (src must still be a mapped address).
 __device__ __forceinline__ void copy_16(uint32_t dst, const void* src, bool valid) {
@@ -422,12 +421,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const Pr
 #define HALFBYTE_WGMMA 1
 #endif
 
-// Shared-memory matrix descriptor of a K-major, 128-byte-swizzled tile at `address` (1024-byte aligned):
-// 8-row groups 1024 bytes apart (stride byte offset), leading byte offset unused (1).
-__device__ __forceinline__ uint64_t swizzled_tile_descriptor(uint32_t address) {
-  return static_cast<uint64_t>((address & 0x3ffffu) >> 4) | (uint64_t{1} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-}
+using wgmma_tiles::swizzled_tile_descriptor;
 
 // d[64] += W(16x16 per warp, registers a) x A^T (descriptor b): m64n128k16, float32 accumulators; TYPE
 // is the operand type of the instruction (bf16 or f16).

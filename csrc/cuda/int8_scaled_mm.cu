@@ -39,6 +39,7 @@
 #include "device_attributes.cuh"
 #include "halfbyte/int8_cuda_kernels.h"
 #include "int8_output_elements.cuh"
+#include "wgmma_tiles.cuh"
 
 namespace halfbyte::cuda {
 // A named namespace (not an anonymous one): builds for other architectures compile the kernel body away,
@@ -83,9 +84,7 @@ struct ScaledMmArgs {
   int stages_per_split;
 };
 
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using wgmma_tiles::smem_address;
 
 // ---- mbarriers and TMA ----------------------------------------------------------------------------
 
@@ -119,12 +118,7 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// Shared-memory matrix descriptor of a K-major, 128-byte-swizzled tile at `address` (1024-byte aligned):
-// 8-row groups 1024 bytes apart (stride byte offset), leading byte offset unused (1).
-__device__ __forceinline__ uint64_t swizzled_tile_descriptor(uint32_t address) {
-  return static_cast<uint64_t>((address & 0x3ffffu) >> 4) | (uint64_t{1} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-}
+using wgmma_tiles::swizzled_tile_descriptor;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define HALFBYTE_INT8_WGMMA 1

@@ -111,8 +111,15 @@ at::Tensor scaled_mm_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
   const c10::cuda::CUDAGuard guard(A.device());
   check_scaled_mm(op, A, B, row_stats, col_stats);
   const MatmulPlan mp = plan_linear_matmul(op, A, B);
+  // One validation and one output for both paths: the plan of int8_mm_dequant, with the product filled in
+  // below only where the two steps run.
   MmDequantPlan out;
   const at::ScalarType out_dtype = check_dequant_output(op, A, mp.N, "row of B", dtype, bias, out);
+  out.rows = mp.M;
+  out.N = mp.N;
+  out.row_stats = row_stats.contiguous();
+  out.col_stats = col_stats.contiguous();
+  out.out_shape = mp.out_shape;
   out.out = at::empty({mp.M, mp.N}, A.options().dtype(out_dtype));
   if (mp.M > 0 &&
       cuda::int8_scaled_mm_supported(mp.A2.const_data_ptr<int8_t>(), mp.B.const_data_ptr<int8_t>(), mp.M,
@@ -123,18 +130,17 @@ at::Tensor scaled_mm_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
     check_cuda(cuda::int8_scaled_mm_plan(mp.M, mp.N, mp.K, &plan), op);
     at::Tensor workspace;
     if (plan.splits > 1) workspace = at::empty({plan.workspace_ints}, A.options().dtype(at::kInt));
-    const at::Tensor rows = row_stats.contiguous(), cols = col_stats.contiguous();
-    check_cuda(cuda::int8_scaled_mm(mp.A2.const_data_ptr<int8_t>(), mp.B.const_data_ptr<int8_t>(), mp.M, mp.N,
-                                    mp.K, rows.const_data_ptr<float>(), cols.const_data_ptr<float>(),
-                                    out.bias.defined() ? out.bias.const_data_ptr() : nullptr, out.bias_dtype,
-                                    out.out_dtype, out.out.data_ptr(), plan,
-                                    plan.splits > 1 ? workspace.data_ptr<int32_t>() : nullptr,
-                                    c10::cuda::getCurrentCUDAStream()),
+    check_cuda(cuda::int8_scaled_mm(
+                   mp.A2.const_data_ptr<int8_t>(), mp.B.const_data_ptr<int8_t>(), mp.M, mp.N, mp.K,
+                   out.row_stats.const_data_ptr<float>(), out.col_stats.const_data_ptr<float>(),
+                   out.bias.defined() ? out.bias.const_data_ptr() : nullptr, out.bias_dtype, out.out_dtype,
+                   out.out.data_ptr(), plan, plan.splits > 1 ? workspace.data_ptr<int32_t>() : nullptr,
+                   c10::cuda::getCurrentCUDAStream()),
                op);
     return out.out.view(mp.out_shape);
   }
-  const at::Tensor acc = int_mm_exact(mp.A2, mp.B);
-  return mm_dequant_planned(plan_mm_dequant(op, acc.view(mp.out_shape), row_stats, col_stats, dtype, bias));
+  out.A2 = int_mm_exact(mp.A2, mp.B);
+  return mm_dequant_planned(out);
 }
 
 at::Tensor weight_only_cuda(const LinearPlan& p) {
