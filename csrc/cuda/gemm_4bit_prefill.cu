@@ -56,15 +56,20 @@
 #include <cstdint>
 
 #include "device_attributes.cuh"
+#include "gemm_4bit_prefill_output.cuh"
 #include "halfbyte/cuda_kernels.h"
 #include "mma_sync.cuh"
+#include "wgmma_register_a.cuh"
 #include "wgmma_tiles.cuh"
 
 namespace halfbyte::cuda {
 namespace {
 
-constexpr int kF16 = static_cast<int>(DType::kFloat16);
-constexpr int kBF16 = static_cast<int>(DType::kBFloat16);
+using prefill_output::elem_value;
+using prefill_output::kBF16;
+using prefill_output::kF16;
+using prefill_output::pack2;
+using prefill_output::to_dtype8;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;
@@ -129,18 +134,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   mma::m16n8k16<kDType == kBF16>(d, a, b0, b1);
 }
 
-// {first in the low half, second in the high half}, each rounded to nearest even in A's dtype.
-template <int kDType>
-__device__ __forceinline__ uint32_t pack2(float first, float second) {
-  uint32_t r;
-  if constexpr (kDType == kBF16) {
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
-  } else {
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
-  }
-  return r;
-}
-
 // The two codes of byte `p` (0..3) of `word`, dequantized: {level(high nibble) * scale in the low
 // half, level(low nibble) * scale in the high half}. Lane L holds table[L % 16]; shfl reads the low 5
 // bits of its lane operand, so the shifted word is the whole index computation.
@@ -154,22 +147,6 @@ __device__ __forceinline__ uint32_t dequantize_byte(float table_lane, uint32_t w
 // 4-byte global -> shared copy.
 __device__ __forceinline__ void copy_4(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
-template <int kDType>
-__device__ __forceinline__ uint4 to_dtype8(const float (&v)[8]) {
-  return make_uint4(pack2<kDType>(v[0], v[1]), pack2<kDType>(v[2], v[3]), pack2<kDType>(v[4], v[5]),
-                    pack2<kDType>(v[6], v[7]));
-}
-
-template <int kDType>
-__device__ __forceinline__ float elem_value(const void* p, int64_t i) {
-  const unsigned short raw = static_cast<const unsigned short*>(p)[i];
-  if constexpr (kDType == kBF16) {
-    return __uint_as_float(static_cast<uint32_t>(raw) << 16);
-  } else {
-    return __half2float(__ushort_as_half(raw));
-  }
 }
 
 // ---- the kernel -----------------------------------------------------------------------------------
@@ -423,37 +400,10 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_4bit_prefill_kernel(const Pr
 
 using wgmma_tiles::swizzled_tile_descriptor;
 
-// d[64] += W(16x16 per warp, registers a) x A^T (descriptor b): m64n128k16, float32 accumulators; TYPE
-// is the operand type of the instruction (bf16 or f16).
-#define HALFBYTE_WGMMA_M64N128K16(TYPE)                                                                      \
-  asm volatile(                                                                                              \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE \
-      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "    \
-      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, " \
-      "%41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, " \
-      "%61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"                                            \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),      \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),             \
-        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),           \
-        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),           \
-        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),           \
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),           \
-        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),           \
-        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),           \
-        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])            \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-
 template <int kDType>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-#if defined(HALFBYTE_WGMMA)
-  if constexpr (kDType == kBF16) {
-    HALFBYTE_WGMMA_M64N128K16("bf16");
-  } else {
-    HALFBYTE_WGMMA_M64N128K16("f16");
-  }
-#endif
+  wgmma_register_a::m64n128k16<kDType == kBF16>(d, a, b);
 }
-#undef HALFBYTE_WGMMA_M64N128K16
 
 // Keeps registers live and in place across an asynchronous wgmma (the compiler cannot see that the
 // instruction reads and writes them after it was issued).
@@ -583,30 +533,6 @@ __global__ void __launch_bounds__(2 * kWgmmaRows, kWgmmaRows == 128 ? 2 : 1)
   __syncthreads();
   store_tile<kDType, 128, kWgmmaRows>(args, staged, m0, n0);
 #endif
-}
-
-// out[m, n] = sum over splits (in order) of partial[s, m, n] (+ bias[n]), rounded to A's dtype; 8 per thread.
-template <int kDType>
-__global__ void __launch_bounds__(256) gemm_4bit_reduce_kernel(const float* partial, int splits, int64_t M,
-                                                               int64_t N, const void* bias, void* out) {
-  const int64_t runs = M * N / 8;
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < runs;
-       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = r * 8;
-    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int s = 0; s < splits; ++s) {
-      const float4* p = reinterpret_cast<const float4*>(partial + s * M * N + e);
-      const float4 a = p[0];
-      const float4 b = p[1];
-      v[0] += a.x, v[1] += a.y, v[2] += a.z, v[3] += a.w, v[4] += b.x, v[5] += b.y, v[6] += b.z, v[7] += b.w;
-    }
-    if (bias != nullptr) {
-      const int64_t n = e % N;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] += elem_value<kDType>(bias, n + i);
-    }
-    *reinterpret_cast<uint4*>(static_cast<unsigned short*>(out) + e) = to_dtype8<kDType>(v);
-  }
 }
 
 // ---- host side ------------------------------------------------------------------------------------
@@ -759,17 +685,7 @@ cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, 
                                     : launch_prefill<kF16>(args, plan.rows_per_block, nested, grid, stream);
   }
   if (err != cudaSuccess || plan.splits == 1) return err;
-  const int64_t runs = M * N / 8;
-  int64_t blocks = (runs + 255) / 256;
-  if (blocks > 4096) blocks = 4096;
-  if (dtype == DType::kBFloat16) {
-    gemm_4bit_reduce_kernel<kBF16>
-        <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(workspace, plan.splits, M, N, bias, out);
-  } else {
-    gemm_4bit_reduce_kernel<kF16>
-        <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(workspace, plan.splits, M, N, bias, out);
-  }
-  return cudaGetLastError();
+  return prefill_output::launch_reduce(dtype, workspace, plan.splits, M, N, bias, out, stream);
 }
 
 }  // namespace halfbyte::cuda

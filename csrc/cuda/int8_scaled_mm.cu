@@ -39,6 +39,7 @@
 #include "device_attributes.cuh"
 #include "halfbyte/int8_cuda_kernels.h"
 #include "int8_output_elements.cuh"
+#include "tma_pipeline.cuh"
 #include "wgmma_tiles.cuh"
 
 namespace halfbyte::cuda {
@@ -86,38 +87,13 @@ struct ScaledMmArgs {
 
 using wgmma_tiles::smem_address;
 
-// ---- mbarriers and TMA ----------------------------------------------------------------------------
-
-__device__ __forceinline__ void barrier_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-// One arrival that also announces `bytes` of copies completing on this barrier's current phase.
-__device__ __forceinline__ void barrier_arrive_expect(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void barrier_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// Copies the box at (k, row) of `map` (128 bytes x box rows, 128-byte swizzled, zero past the ends) to
-// `dst`, completing `bytes` on `bar`.
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int k, int row,
-                                            uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
-      "[%4];" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(k), "r"(row), "r"(bar)
-      : "memory");
-}
-
+using tma_pipeline::barrier_arrive;
+using tma_pipeline::barrier_arrive_expect;
+using tma_pipeline::barrier_init;
+using tma_pipeline::barrier_wait;
+using tma_pipeline::encode_tiled_function;
+using tma_pipeline::EncodeTiled;
+using tma_pipeline::tma_load_2d;
 using wgmma_tiles::swizzled_tile_descriptor;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -365,41 +341,11 @@ __global__ void __launch_bounds__(256) int8_scaled_mm_reduce_kernel(const Scaled
   }
 }
 
-// cuTensorMapEncodeTiled from the driver (no link against libcuda: the runtime hands out the entry point).
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*,
-                                 CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
-                                 CUtensorMapFloatOOBfill);
-
-cudaError_t encode_tiled_function(EncodeTiled& fn) {
-  static std::atomic<EncodeTiled> cached{nullptr};
-  fn = cached.load(std::memory_order_acquire);
-  if (fn != nullptr) return cudaSuccess;
-  void* entry = nullptr;
-  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  const cudaError_t err =
-      cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000, cudaEnableDefault, &found);
-  if (err != cudaSuccess) return err;
-  if (found != cudaDriverEntryPointSuccess || entry == nullptr) return cudaErrorNotSupported;
-  fn = reinterpret_cast<EncodeTiled>(entry);
-  cached.store(fn, std::memory_order_release);
-  return cudaSuccess;
-}
-
 // The TMA map of a contiguous int8 [rows, K] matrix in boxes of 128 bytes of K x box_rows rows, 128-byte
 // swizzled (the layout the wgmma descriptors read), zeros past the ends.
 cudaError_t encode_map(CUtensorMap& map, const int8_t* base, int64_t rows, int64_t K, int box_rows) {
-  EncodeTiled encode = nullptr;
-  const cudaError_t err = encode_tiled_function(encode);
-  if (err != cudaSuccess) return err;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kStageK), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(base), dims, strides,
-                            box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return tma_pipeline::encode_2d_map(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, base, rows, K, K, kStageK, box_rows,
+                                     CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
 }
 
 template <typename Out, int kRowsA>

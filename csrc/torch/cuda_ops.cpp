@@ -4,22 +4,29 @@
 //
 // gemm_4bit / gemv_4bit dispatch (rows M = A.numel() / K), see choose_gemm_kernel:
 //   M <= kDecodeMaxRows  -> the fused decode kernels (gemm_4bit_decode.cu): stream the 4-bit weight once.
-//   16 < M <= 32, or M <= 64 with N * K >= 2^25 -> the fused mma.sync kernel (gemm_4bit_prefill.cu).
-//   64 < M <= 128 with N * K >= 2^25 -> its wgmma variant on sm_90a builds running on CC 9.0, else the
-//                           mma.sync one.
+//   on sm_90a builds running on CC 9.0 with the driver's TMA encoder: 16 < M <= 512 with N * K >= 2^25, or
+//                           16 < M <= 128 with N * K >= 2^24 -> the warp-specialized TMA kernel
+//                           (gemm_4bit_prefill_tma.cu).
+//   otherwise 16 < M <= 32, or M <= 64 with N * K >= 2^25 -> the fused mma.sync kernel
+//   (gemm_4bit_prefill.cu); 64 < M <= 128 with N * K >= 2^25 -> its wgmma variant where the device has it
+//   (Hopper without the TMA
+//                           encoder), else the mma.sync one.
 //   otherwise            -> dequantize the weight to A's dtype, then at::linear (cuBLAS).
-// The rule is measured (H100, benchmarks/README.md): the fused kernels are limited by their dequantize
-// and issue work (ncu: tensor pipe 32-35% busy), so they beat dequantize + cuBLAS only while the bf16
-// copy of the weight costs more than that work: 14336 x 4096 at M = 64 65 us against 100 us, at M = 128
-// (wgmma) 79 us against 101 us, 128256 x 4096 at M = 128 455 us against 875 us; on 4096 x 4096 only up
-// to M = 32.
-// HALFBYTE_GEMM_4BIT_KERNEL=decode|prefill|wgmma|dequantize forces one path where it applies (tests,
-// benchmarks); "prefill" is the mma.sync (sm_80) kernel, "wgmma" its sm_90a variant.
+// The rule is measured (H100, benchmarks/README.md): the fused kernels are limited by their dequantize and
+// issue work, so they beat dequantize + cuBLAS only while the bf16 copy of the weight costs more than that
+// work. TMA kernel against dequantize + cuBLAS: 14336 x 4096 at M = 64 43 against 100 us, M = 512 129 against
+// 141, M = 1024 234 against 204; 4096 x 4096 at M = 128 26 against 28, M = 256 36 against 32; 1024 x 4096 at
+// M = 64 13 against
+// 12. Without the TMA kernel (sm_80): 14336 x 4096 at M = 64 65 us (mma.sync), M = 128 79 us (wgmma) against
+// 100. HALFBYTE_GEMM_4BIT_KERNEL=decode|prefill|wgmma|tma|dequantize forces one path where it applies (tests,
+// benchmarks); "prefill" is the mma.sync (sm_80) kernel, "wgmma" its sm_90a variant, "tma" the
+// warp-specialized one; HALFBYTE_GEMM_4BIT_TMA_PLAN=rows,splits sets the TMA kernel's plan.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -149,7 +156,7 @@ void dequantize_blockwise_out_cuda(const at::Tensor& A, const at::Tensor& absmax
   dequantize_blockwise_into(p, code, blocksize);
 }
 
-enum class GemmKernel { kDecode, kPrefill, kPrefillWgmma, kDequantize };
+enum class GemmKernel { kDecode, kPrefill, kPrefillWgmma, kPrefillTma, kDequantize };
 
 // The path for a validated plan; a forced path that cannot run these arguments falls back to the rule.
 GemmKernel choose_gemm_kernel(const GemmPlan& p, int64_t blocksize,
@@ -160,6 +167,10 @@ GemmKernel choose_gemm_kernel(const GemmPlan& p, int64_t blocksize,
       cuda::gemm_4bit_prefill_supported(to_dtype(dtype), p.M, p.N, p.K, p.M > 1 ? p.A2.stride(0) : p.K,
                                         p.A2.const_data_ptr(), bytes_of(p.B), blocksize,
                                         absmax_8bit.has_value() ? bytes_of(*absmax_8bit) : nullptr);
+  const bool tma_ok =
+      prefill_ok && cuda::gemm_4bit_prefill_tma_supported(
+                        to_dtype(dtype), p.M, p.N, p.K, p.M > 1 ? p.A2.stride(0) : p.K, p.A2.const_data_ptr(),
+                        bytes_of(p.B), blocksize, absmax_8bit.has_value() ? bytes_of(*absmax_8bit) : nullptr);
   if (const char* forced = std::getenv("HALFBYTE_GEMM_4BIT_KERNEL")) {
     if (std::strcmp(forced, "decode") == 0) return GemmKernel::kDecode;
     if (std::strcmp(forced, "dequantize") == 0) return GemmKernel::kDequantize;
@@ -167,14 +178,39 @@ GemmKernel choose_gemm_kernel(const GemmPlan& p, int64_t blocksize,
     if (std::strcmp(forced, "wgmma") == 0 && prefill_ok && cuda::gemm_4bit_prefill_has_wgmma()) {
       return GemmKernel::kPrefillWgmma;
     }
+    if (std::strcmp(forced, "tma") == 0 && tma_ok) return GemmKernel::kPrefillTma;
   }
   if (p.M <= kDecodeMaxRows) return GemmKernel::kDecode;
+  const int64_t weight = p.N * p.K;
+  if (tma_ok &&
+      ((p.M <= 512 && weight >= (int64_t{1} << 25)) || (p.M <= 128 && weight >= (int64_t{1} << 24)))) {
+    return GemmKernel::kPrefillTma;
+  }
   const bool large_weight = p.N * p.K >= (int64_t{1} << 25);
   if (prefill_ok && (p.M <= 32 || (p.M <= 64 && large_weight))) return GemmKernel::kPrefill;
   if (prefill_ok && p.M <= 128 && large_weight) {
     return cuda::gemm_4bit_prefill_has_wgmma() ? GemmKernel::kPrefillWgmma : GemmKernel::kPrefill;
   }
   return GemmKernel::kDequantize;
+}
+
+// HALFBYTE_GEMM_4BIT_TMA_PLAN=rows,splits replaces the TMA kernel's plan (rows of A per block 64, 128 or 256;
+// splits of K, at most one per stage): tests reach every tile and the split path with it, benchmarks sweep
+// it.
+void forced_tma_plan(const GemmPlan& p, cuda::PrefillPlan& plan) {
+  const char* forced = std::getenv("HALFBYTE_GEMM_4BIT_TMA_PLAN");
+  if (forced == nullptr) return;
+  int rows = 0, splits = 0;
+  if (std::sscanf(forced, "%d,%d", &rows, &splits) != 2 || (rows != 64 && rows != 128 && rows != 256) ||
+      splits < 1) {
+    return;
+  }
+  const int64_t k_stages = p.K / 64;
+  const int64_t per = (k_stages + splits - 1) / splits;
+  plan.rows_per_block = rows;
+  plan.stages_per_split = static_cast<int>(per);
+  plan.splits = static_cast<int>((k_stages + per - 1) / per);
+  plan.workspace_floats = plan.splits > 1 ? plan.splits * p.M * p.N : 0;
 }
 
 // out = A @ W^T (+ bias) for a validated plan, choosing the kernel by the number of rows.
@@ -185,21 +221,25 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
                               const c10::optional<at::Tensor>& absmax_offset) {
   const at::ScalarType dtype = p.A2.scalar_type();
   const GemmKernel kernel = choose_gemm_kernel(p, blocksize, absmax_8bit);
-  if (kernel == GemmKernel::kPrefill || kernel == GemmKernel::kPrefillWgmma) {
+  if (kernel == GemmKernel::kPrefill || kernel == GemmKernel::kPrefillWgmma ||
+      kernel == GemmKernel::kPrefillTma) {
     at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
     const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const bool tma = kernel == GemmKernel::kPrefillTma;
     cuda::PrefillPlan plan;
-    check_cuda(cuda::gemm_4bit_prefill_plan(p.M, p.N, p.K, kernel == GemmKernel::kPrefillWgmma, &plan),
+    check_cuda(tma ? cuda::gemm_4bit_prefill_tma_plan(p.M, p.N, p.K, &plan)
+                   : cuda::gemm_4bit_prefill_plan(p.M, p.N, p.K, kernel == GemmKernel::kPrefillWgmma, &plan),
                "halfbyte::gemm_4bit");
+    if (tma) forced_tma_plan(p, plan);
     const at::Tensor workspace =
         plan.splits > 1 ? at::empty({plan.workspace_floats}, p.A2.options().dtype(at::kFloat)) : at::Tensor();
-    check_cuda(cuda::gemm_4bit_prefill(p.A2.const_data_ptr(), to_dtype(dtype), p.M, p.K,
-                                       p.M > 1 ? p.A2.stride(0) : p.K, bytes_of(p.B), s.scales, table, p.N,
-                                       blocksize, bias_c.defined() ? bias_c.const_data_ptr() : nullptr,
-                                       out.data_ptr(), plan,
-                                       workspace.defined() ? workspace.data_ptr<float>() : nullptr,
-                                       c10::cuda::getCurrentCUDAStream()),
+    const auto launch = tma ? cuda::gemm_4bit_prefill_tma : cuda::gemm_4bit_prefill;
+    check_cuda(launch(p.A2.const_data_ptr(), to_dtype(dtype), p.M, p.K, p.M > 1 ? p.A2.stride(0) : p.K,
+                      bytes_of(p.B), s.scales, table, p.N, blocksize,
+                      bias_c.defined() ? bias_c.const_data_ptr() : nullptr, out.data_ptr(), plan,
+                      workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+                      c10::cuda::getCurrentCUDAStream()),
                "halfbyte::gemm_4bit");
     return out.view(p.out_shape);
   }

@@ -112,6 +112,9 @@ struct Case {
   int64_t packed_offset = 0;  // bytes before the packed codes (nonzero: unaligned)
   bool prefill = false;       // call gemm_4bit_prefill (the tensor-core kernel for larger M)
   bool wgmma = false;         // ... its sm_90a variant, where the device runs it
+  bool tma = false;           // call gemm_4bit_prefill_tma (the warp-specialized sm_90a kernel)
+  int tma_rows = 0;           // its rows of A per block (0: its plan's), with tma_splits splits of K
+  int tma_splits = 0;
 };
 
 std::string describe(const Case& c) {
@@ -268,7 +271,27 @@ void run_case(const Case& c, uint64_t seed) {
   if (c.M * c.N > 0) ASSERT_EQ(cudaMemset(d_out.get(), 0xff, c.M * c.N * esize), cudaSuccess);
 
   const void* a_ptr = d_a.get<uint8_t>() + c.a_offset * esize;
-  if (c.prefill) {
+  if (c.tma) {
+    ASSERT_TRUE(cuda::gemm_4bit_prefill_tma_supported(c.dtype, c.M, c.N, c.K, c.lda, a_ptr, dw.packed_ptr,
+                                                      c.blocksize, dw.scales.absmax_codes));
+    cuda::PrefillPlan plan;
+    ASSERT_EQ(cuda::gemm_4bit_prefill_tma_plan(c.M, c.N, c.K, &plan), cudaSuccess);
+    if (c.tma_rows > 0) {
+      const int64_t stages = c.K / 64;
+      const int64_t per = (stages + c.tma_splits - 1) / c.tma_splits;
+      plan.rows_per_block = c.tma_rows;
+      plan.stages_per_split = static_cast<int>(per);
+      plan.splits = static_cast<int>((stages + per - 1) / per);
+      plan.workspace_floats = plan.splits > 1 ? plan.splits * c.M * c.N : 0;
+    }
+    DeviceBuffer workspace(plan.workspace_floats * 4);
+    ASSERT_TRUE(workspace.ok());
+    ASSERT_EQ(
+        cuda::gemm_4bit_prefill_tma(a_ptr, c.dtype, c.M, c.K, c.lda, dw.packed_ptr, dw.scales,
+                                    dw.table.get<float>(), c.N, c.blocksize, c.bias ? d_bias.get() : nullptr,
+                                    d_out.get(), plan, workspace.get<float>(), nullptr),
+        cudaSuccess);
+  } else if (c.prefill) {
     ASSERT_TRUE(cuda::gemm_4bit_prefill_supported(c.dtype, c.M, c.N, c.K, c.lda, a_ptr, dw.packed_ptr,
                                                   c.blocksize, dw.scales.absmax_codes));
     cuda::PrefillPlan plan;
@@ -325,11 +348,11 @@ void run_case(const Case& c, uint64_t seed) {
       const double ref = sum + bias[j];
       const double got = from_bits(load_bits(out_bytes, m * c.N + j, c.dtype), c.dtype);
       // fp32 adds the bias to the float32 sum: 2^-24 of |bias| more.
-      const double tol = 1e-5 * abs_sum + std::ldexp(std::fabs(bias[j]), -23) +
-                         unit * (std::fabs(ref) + 1e-5 * abs_sum) +
-                         (c.dtype == DType::kFloat16 ? std::ldexp(1.0, -25) : 0.0) +
-                         // the prefill kernel rounds each weight to the dtype: 2^-9 / 2^-12 of |a*w|
-                         (c.prefill ? std::ldexp(abs_sum, c.dtype == DType::kFloat16 ? -12 : -9) : 0.0);
+      const double tol =
+          1e-5 * abs_sum + std::ldexp(std::fabs(bias[j]), -23) + unit * (std::fabs(ref) + 1e-5 * abs_sum) +
+          (c.dtype == DType::kFloat16 ? std::ldexp(1.0, -25) : 0.0) +
+          // the prefill kernel rounds each weight to the dtype: 2^-9 / 2^-12 of |a*w|
+          (c.prefill || c.tma ? std::ldexp(abs_sum, c.dtype == DType::kFloat16 ? -12 : -9) : 0.0);
       const double err = std::fabs(got - ref);
       if (!(err <= tol)) {
         if (++bad <= 5) {
@@ -524,6 +547,33 @@ TEST(CudaGemm4bit, PrefillKernel) {
           c.wgmma = true;
           run_case(c, seed++);
         }
+      }
+    }
+  }
+}
+
+// The warp-specialized sm_90a kernel (gemm_4bit_prefill_tma) where the device runs it: each tile height (64,
+// 128, 256 rows of A) with one split and with K split, M and N not multiples of the tiles, blocksizes from 64
+// (256: the nested codes' last 4-byte word is partial), nested scales, both dtypes, strided A, bias.
+TEST(CudaGemm4bit, PrefillTmaKernel) {
+  SKIP_WITHOUT_CUDA();
+  if (!cuda::gemm_4bit_prefill_tma_supported(DType::kBFloat16, 64, 128, 64, 64, nullptr, nullptr, 64,
+                                             nullptr)) {
+    GTEST_SKIP() << "needs an sm_90a build on a compute capability 9.0 device";
+  }
+  uint64_t seed = 1900;
+  for (int64_t M : {17, 64, 100, 300}) {
+    for (int rows : {64, 128, 256}) {
+      for (int splits : {1, 3}) {
+        Case c;
+        c.tma = true, c.tma_rows = rows, c.tma_splits = splits;
+        c.M = M, c.N = (seed % 2) == 0 ? 136 : 264, c.K = (seed % 3) == 0 ? 320 : 1088;
+        c.lda = (seed % 4) == 0 ? c.K + 8 : c.K, c.bias = (seed % 2) == 1;
+        c.blocksize = (seed % 3) == 0 ? 256 : (seed % 3) == 1 ? 64 : 1024;
+        c.dtype = (seed % 2) == 0 ? DType::kBFloat16 : DType::kFloat16;
+        c.nested = (seed % 5) < 3;
+        c.qtype = (seed % 7) == 0 ? QuantType::kFP4 : QuantType::kNF4;
+        run_case(c, seed++);
       }
     }
   }

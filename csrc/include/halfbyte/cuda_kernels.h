@@ -92,4 +92,16 @@ cudaError_t gemm_4bit_prefill(const void* A, DType dtype, int64_t M, int64_t K, 
                               int64_t blocksize, const void* bias, void* out, const PrefillPlan& plan,
                               float* workspace, cudaStream_t stream);
 
+// The sm_90a warp-specialized kernel for the same product (gemm_4bit_prefill_tma.cu): TMA copies, wgmma with
+// the weight fragment from registers. Supported where gemm_4bit_prefill_supported holds, the build has 90a,
+// the device is compute capability 9.0 and the driver encodes TMA maps. Its plan: rows_per_block (rows of A
+// per block) 64, 128 or 256, `wgmma` set; the same split-K workspace contract.
+bool gemm_4bit_prefill_tma_supported(DType dtype, int64_t M, int64_t N, int64_t K, int64_t lda, const void* A,
+                                     const uint8_t* packed, int64_t blocksize, const uint8_t* absmax_codes);
+cudaError_t gemm_4bit_prefill_tma_plan(int64_t M, int64_t N, int64_t K, PrefillPlan* plan);
+cudaError_t gemm_4bit_prefill_tma(const void* A, DType dtype, int64_t M, int64_t K, int64_t lda,
+                                  const uint8_t* packed, BlockScales scales, const float* table, int64_t N,
+                                  int64_t blocksize, const void* bias, void* out, const PrefillPlan& plan,
+                                  float* workspace, cudaStream_t stream);
+
 }  // namespace halfbyte::cuda
