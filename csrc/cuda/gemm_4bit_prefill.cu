@@ -65,11 +65,9 @@
 namespace halfbyte::cuda {
 namespace {
 
-using prefill_output::elem_value;
 using prefill_output::kBF16;
 using prefill_output::kF16;
 using prefill_output::pack2;
-using prefill_output::to_dtype8;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;
@@ -224,35 +222,12 @@ __device__ __forceinline__ float stage_scale(const PrefillArgs& args, const uint
   }
 }
 
-// Writes a block's output tile from the float32 staging area (row m_local of A at m_local * kEpiStride):
-// bias added and rounded to A's dtype, or float32 partial sums when K is split (grid z).
+// Writes a block's output tile from the float32 staging area (row m_local of A at m_local * kEpiStride).
 template <int kDType, int kBM, int kRowsW = kBN>
 __device__ __forceinline__ void store_tile(const PrefillArgs& args, const float* staged, int m0, int64_t n0) {
   using T = Tile<kBM, kRowsW>;
-  const bool split = gridDim.z > 1;
-  for (int idx = static_cast<int>(threadIdx.x); idx < kBM * (kRowsW / 8); idx += T::kThreadsPerBlock) {
-    const int m_local = idx / (kRowsW / 8);
-    const int c = idx % (kRowsW / 8);
-    const int m = m0 + m_local;
-    const int64_t n = n0 + c * 8;
-    if (m >= args.M || n >= args.N) continue;  // N % 8 == 0: a run of 8 is inside or outside
-    const float4 v0 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8);
-    const float4 v1 = *reinterpret_cast<const float4*>(staged + m_local * T::kEpiStride + c * 8 + 4);
-    if (split) {
-      float4* dst = reinterpret_cast<float4*>(args.partial +
-                                              (static_cast<int64_t>(blockIdx.z) * args.M + m) * args.N + n);
-      dst[0] = v0;
-      dst[1] = v1;
-    } else {
-      float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-      if (args.bias != nullptr) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] += elem_value<kDType>(args.bias, n + e);
-      }
-      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(args.out) + static_cast<int64_t>(m) * args.N +
-                                n) = to_dtype8<kDType>(v);
-    }
-  }
+  prefill_output::store_staged_tile<kDType, kBM, kRowsW, T::kEpiStride, T::kThreadsPerBlock>(
+      staged, static_cast<int>(threadIdx.x), m0, n0, args.M, args.N, args.bias, args.out, args.partial);
 }
 
 // Stages of K this block's split computes, from stage kt_begin (the last split may have fewer).
@@ -405,19 +380,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t 
   wgmma_register_a::m64n128k16<kDType == kBF16>(d, a, b);
 }
 
-// Keeps registers live and in place across an asynchronous wgmma (the compiler cannot see that the
-// instruction reads and writes them after it was issued).
-__device__ __forceinline__ void fence_operands(float (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-__device__ __forceinline__ void fence_operands(uint32_t (&a)[4][4]) {
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[s][r])::"memory");
-  }
-}
+using wgmma_tiles::fence_registers;
 
 template <int kDType, bool kNested>
 __global__ void __launch_bounds__(2 * kWgmmaRows, kWgmmaRows == 128 ? 2 : 1)
@@ -498,7 +461,7 @@ __global__ void __launch_bounds__(2 * kWgmmaRows, kWgmmaRows == 128 ? 2 : 1)
       copy_commit();
     }
     const uint64_t desc = swizzled_tile_descriptor(smem_address(smem + (it % kStages) * T::kStageBytes));
-    fence_operands(acc);
+    fence_registers(acc);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
     for (int step = 0; step < 4; ++step) wgmma_m64n128k16<kDType>(acc, a[step], desc + 2 * step);
@@ -509,8 +472,8 @@ __global__ void __launch_bounds__(2 * kWgmmaRows, kWgmmaRows == 128 ? 2 : 1)
     uint32_t next[4][4];
     if (it + 1 < count) dequantize_stage(it + 1, next);
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    fence_operands(acc);
-    fence_operands(a);  // the registers the wgmma read stay untouched until it finished
+    fence_registers(acc);
+    fence_registers(a);  // the registers the wgmma read stay untouched until it finished
     __syncthreads();
 #pragma unroll
     for (int step = 0; step < 4; ++step) {
@@ -633,10 +596,7 @@ cudaError_t gemm_4bit_prefill_plan(int64_t M, int64_t N, int64_t K, bool wgmma, 
   const int64_t max_splits = k_stages / 4 > 1 ? k_stages / 4 : 1;
   if (splits > max_splits) splits = max_splits;
   if (splits > 32) splits = 32;
-  const int64_t per = (k_stages + splits - 1) / splits;
-  plan->stages_per_split = static_cast<int>(per);
-  plan->splits = static_cast<int>((k_stages + per - 1) / per);
-  plan->workspace_floats = plan->splits > 1 ? plan->splits * M * N : 0;
+  set_prefill_splits(*plan, k_stages, splits, M, N);
   return cudaSuccess;
 }
 

@@ -1,5 +1,6 @@
 // Output pieces of the 4-bit tensor-core kernels (gemm_4bit_prefill.cu, gemm_4bit_prefill_tma.cu): float32
-// to 16-bit rounding, bias reads, and the reduce kernel that adds split-K partial sums. Device code only.
+// to 16-bit rounding, bias reads, the store of a block's staged output tile, and the reduce kernel that adds
+// split-K partial sums.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -40,6 +41,39 @@ __device__ __forceinline__ float elem_value(const void* p, int64_t i) {
     return __uint_as_float(static_cast<uint32_t>(raw) << 16);
   } else {
     return __half2float(__ushort_as_half(raw));
+  }
+}
+
+// Writes a block's output tile from the float32 staging area (local row m of A at m * stride, kRowsW
+// columns): runs of 8 outputs with the bias added and rounded to the dtype, or float32 partial sums into
+// partial[blockIdx.z] when K is split (grid z). Threads `thread` = 0 .. kThreads - 1 of the block take part;
+// N % 8 == 0. Rows of A are counted in `Row` (int where the caller bounds M to 32-bit tiles, which keeps its
+// registers as they were, int64_t otherwise).
+template <int kDType, int kRowsA, int kRowsW, int kStride, int kThreads, typename Row>
+__device__ __forceinline__ void store_staged_tile(const float* staged, int thread, Row m0, int64_t n0, Row M,
+                                                  int64_t N, const void* bias, void* out, float* partial) {
+  const bool split = gridDim.z > 1;
+  for (int idx = thread; idx < kRowsA * (kRowsW / 8); idx += kThreads) {
+    const int m_local = idx / (kRowsW / 8);
+    const int c = idx % (kRowsW / 8);
+    const Row m = m0 + m_local;
+    const int64_t n = n0 + 8 * c;
+    if (m >= M || n >= N) continue;  // N % 8 == 0: a run of 8 is inside or outside
+    const float4 v0 = *reinterpret_cast<const float4*>(staged + m_local * kStride + 8 * c);
+    const float4 v1 = *reinterpret_cast<const float4*>(staged + m_local * kStride + 8 * c + 4);
+    if (split) {
+      float4* dst = reinterpret_cast<float4*>(partial + (static_cast<int64_t>(blockIdx.z) * M + m) * N + n);
+      dst[0] = v0;
+      dst[1] = v1;
+    } else {
+      float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+      if (bias != nullptr) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] += elem_value<kDType>(bias, n + e);
+      }
+      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(out) + static_cast<int64_t>(m) * N + n) =
+          to_dtype8<kDType>(v);
+    }
   }
 }
 

@@ -59,17 +59,16 @@ namespace halfbyte::cuda {
 // would warn about every helper it uses.
 namespace gemm_4bit_prefill_tma_detail {
 
-using prefill_output::elem_value;
 using prefill_output::kBF16;
 using prefill_output::kF16;
 using prefill_output::pack2;
-using prefill_output::to_dtype8;
 using tma_pipeline::barrier_arrive;
 using tma_pipeline::barrier_arrive_after_copies;
 using tma_pipeline::barrier_arrive_expect;
 using tma_pipeline::barrier_init;
 using tma_pipeline::barrier_wait;
 using tma_pipeline::tma_load_2d;
+using wgmma_tiles::fence_registers;
 using wgmma_tiles::smem_address;
 using wgmma_tiles::swizzled_tile_descriptor;
 
@@ -126,19 +125,6 @@ struct TmaPrefillArgs {
 __device__ __forceinline__ void copy_4(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
-}
-
-template <int kN>
-__device__ __forceinline__ void fence_registers(float (&d)[kN]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-__device__ __forceinline__ void fence_registers(uint32_t (&a)[4][4]) {
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[s][r])::"memory");
-  }
 }
 
 // Level of `code` from the lane-private table: `lane_offset` = 4 * lane, the code at bits [shift, shift + 4)
@@ -366,30 +352,8 @@ __global__ void __launch_bounds__(Config<kRowsA>::kThreads, Config<kRowsA>::kBlo
   }
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
 
-  const bool split = gridDim.z > 1;
-  for (int idx = tid; idx < kRowsA * (kRowsW / 8); idx += kConsumerThreads) {
-    const int m_local = idx / (kRowsW / 8);
-    const int c = idx % (kRowsW / 8);
-    const int64_t m = m0 + m_local;
-    const int64_t n = n0 + 8 * c;
-    if (m >= args.M || n >= args.N) continue;  // N % 8 == 0: a run of 8 is inside or outside
-    const float4 v0 = *reinterpret_cast<const float4*>(staged + m_local * C::kEpiStride + 8 * c);
-    const float4 v1 = *reinterpret_cast<const float4*>(staged + m_local * C::kEpiStride + 8 * c + 4);
-    if (split) {
-      float4* dst = reinterpret_cast<float4*>(args.partial +
-                                              (static_cast<int64_t>(blockIdx.z) * args.M + m) * args.N + n);
-      dst[0] = v0;
-      dst[1] = v1;
-    } else {
-      float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-      if (args.bias != nullptr) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] += elem_value<kDType>(args.bias, n + e);
-      }
-      *reinterpret_cast<uint4*>(static_cast<unsigned short*>(args.out) + m * args.N + n) =
-          to_dtype8<kDType>(v);
-    }
-  }
+  prefill_output::store_staged_tile<kDType, kRowsA, kRowsW, C::kEpiStride, kConsumerThreads>(
+      staged, tid, m0, n0, args.M, args.N, args.bias, args.out, args.partial);
 #else
   (void)map_a, (void)map_w, (void)args;
 #endif
@@ -489,10 +453,7 @@ cudaError_t gemm_4bit_prefill_tma_plan(int64_t M, int64_t N, int64_t K, PrefillP
   const int64_t max_splits = k_stages / 8 > 1 ? k_stages / 8 : 1;
   if (splits > max_splits) splits = max_splits;
   if (splits > 16) splits = 16;
-  const int64_t per = (k_stages + splits - 1) / splits;
-  plan->stages_per_split = static_cast<int>(per);
-  plan->splits = static_cast<int>((k_stages + per - 1) / per);
-  plan->workspace_floats = plan->splits > 1 ? plan->splits * M * N : 0;
+  set_prefill_splits(*plan, k_stages, splits, M, N);
   return cudaSuccess;
 }
 

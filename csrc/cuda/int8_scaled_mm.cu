@@ -156,12 +156,7 @@ __device__ __forceinline__ void wgmma_m64n256k32_s8(int32_t (&d)[128], uint64_t 
 #endif
 }
 
-// Keeps the accumulators live and in place across the asynchronous wgmma.
-template <int kN>
-__device__ __forceinline__ void fence_accumulators(int32_t (&d)[kN]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(d[i])::"memory");
-}
+using wgmma_tiles::fence_registers;
 
 using int8_output::bias_at;
 using int8_output::bits16;
@@ -258,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint8_t* b_tile = smem + slot * C::kStageBytes;
     const uint64_t b_desc = swizzled_tile_descriptor(smem_address(b_tile + group * 64 * kStageK));
     const uint64_t a_desc = swizzled_tile_descriptor(smem_address(b_tile + kTileBBytes));
-    fence_accumulators(acc);
+    fence_registers(acc);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
     for (int step = 0; step < kStageK / 32; ++step) {
@@ -270,11 +265,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // stage it - 1's group has finished
-    fence_accumulators(acc);
+    fence_registers(acc);
     if (it > 0 && lane == 0) barrier_arrive(empty_bar + 8 * ((it - 1) % C::kStages));
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-  fence_accumulators(acc);
+  fence_registers(acc);
   // Every consumer is done with the ring (all copies landed: each was waited for) before it becomes the
   // output staging area. Named barrier 1 counts the consumers only (the producer warp has returned).
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");

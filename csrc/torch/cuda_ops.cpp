@@ -206,11 +206,8 @@ void forced_tma_plan(const GemmPlan& p, cuda::PrefillPlan& plan) {
     return;
   }
   const int64_t k_stages = p.K / 64;
-  const int64_t per = (k_stages + splits - 1) / splits;
   plan.rows_per_block = rows;
-  plan.stages_per_split = static_cast<int>(per);
-  plan.splits = static_cast<int>((k_stages + per - 1) / per);
-  plan.workspace_floats = plan.splits > 1 ? plan.splits * p.M * p.N : 0;
+  cuda::set_prefill_splits(plan, k_stages, splits, p.M, p.N);
 }
 
 // out = A @ W^T (+ bias) for a validated plan, choosing the kernel by the number of rows.

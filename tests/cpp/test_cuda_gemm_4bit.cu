@@ -278,11 +278,8 @@ void run_case(const Case& c, uint64_t seed) {
     ASSERT_EQ(cuda::gemm_4bit_prefill_tma_plan(c.M, c.N, c.K, &plan), cudaSuccess);
     if (c.tma_rows > 0) {
       const int64_t stages = c.K / 64;
-      const int64_t per = (stages + c.tma_splits - 1) / c.tma_splits;
       plan.rows_per_block = c.tma_rows;
-      plan.stages_per_split = static_cast<int>(per);
-      plan.splits = static_cast<int>((stages + per - 1) / per);
-      plan.workspace_floats = plan.splits > 1 ? plan.splits * c.M * c.N : 0;
+      cuda::set_prefill_splits(plan, stages, c.tma_splits, c.M, c.N);
     }
     DeviceBuffer workspace(plan.workspace_floats * 4);
     ASSERT_TRUE(workspace.ok());

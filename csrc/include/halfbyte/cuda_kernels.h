@@ -81,6 +81,14 @@ struct PrefillPlan {
   int stages_per_split = 0;  // 64-element steps of K per split
   int64_t workspace_floats = 0;
 };
+// Sets a plan's split of K: `splits` (>= 1) requested splits of `k_stages` stages become splits of equal
+// length (the last may be shorter; none is empty), with the float32 workspace an [M, N] output then needs.
+inline void set_prefill_splits(PrefillPlan& plan, int64_t k_stages, int64_t splits, int64_t M, int64_t N) {
+  const int64_t per = (k_stages + splits - 1) / splits;
+  plan.stages_per_split = static_cast<int>(per);
+  plan.splits = static_cast<int>((k_stages + per - 1) / per);
+  plan.workspace_floats = plan.splits > 1 ? plan.splits * M * N : 0;
+}
 bool gemm_4bit_prefill_supported(DType dtype, int64_t M, int64_t N, int64_t K, int64_t lda, const void* A,
                                  const uint8_t* packed, int64_t blocksize, const uint8_t* absmax_codes);
 // Whether the wgmma kernel runs here: built for sm_90a and the current device is compute capability 9.0.
