@@ -14,29 +14,31 @@
 // copied by the 32 lanes of the producer warp with cp.async, which arrive on the slot's "full" mbarrier when
 // their copies land. Each consumer thread arrives on the slot's "empty" mbarrier once the wgmma that read it
 // finished. Consumers: lane (g = lane / 4, q = lane % 4) of warp w owns rows 16 (w % 4) + g and + 8 of its
-// group's 64; per stage it loads those rows' 32 bytes, gathers byte q of each 4-byte word with byte permutes
-// (the wgmma register fragment's k-slots 2q, 2q + 1 of step s are code byte 8s + q, slots 2q + 8, 2q + 9 byte
-// 8s + 4 + q), looks each code's level up in a lane-private float32 table in shared memory (entry e of lane l
-// at word 32 e + l: no bank conflicts), multiplies by the row's scale in float32 and rounds to A's dtype,
-// which is the value dequantize_4bit writes. So the result is dequantize + matmul up to the order of the
-// float32 sums. Stage it + 1's fragment is built while stage it's wgmma run, and no block barrier is met
-// inside the K loop (the two consumer warp groups keep the tensor cores busy in each other's gaps).
-// Split K (few tiles for the SMs): grid z splits the stages, each split writes float32 partial sums, and
-// prefill_output::gemm_4bit_reduce_kernel adds them in order (deterministic). Grid x runs over the tiles of A
-// so that blocks running together share their W tile (read from DRAM about once).
-// Epilogue: the accumulators go through shared memory (the drained ring) and leave as 16-byte row stores with
-// the bias added and rounded to A's dtype.
+// group's 64; per stage it loads those rows' 32 bytes and dequantizes byte q of each 4-byte word (the wgmma
+// register fragment's k-slots 2q, 2q + 1 of step s are code byte 8s + q, slots 2q + 8, 2q + 9 byte 8s + 4 +
+// q): a rotate and a lop3 turn the byte into its address in a float32 pair table in static shared memory
+// (both levels of the byte, 16 lane columns: a half warp's 8-byte loads never share a bank), two float32
+// products with the row's scale are rounded to A's dtype: the values dequantize_4bit writes. So the result is
+// dequantize + matmul up to the order of the float32 sums. Stage it + 1's fragment is built while stage it's
+// wgmma run, and no block barrier is met inside the K loop (the two consumer warp groups keep the tensor
+// cores busy in each other's gaps). Split K (few tiles for the SMs): grid z splits the stages, each split
+// writes float32 partial sums, and prefill_output::gemm_4bit_reduce_kernel adds them in order
+// (deterministic). Grid x runs over the tiles of A so that blocks running together share their W tile (read
+// from DRAM about once). Epilogue: the accumulators go through shared memory (the drained ring) and leave as
+// 16-byte row stores with the bias added and rounded to A's dtype.
 //
 // Limits: compute capability 9.0 with the 90a build and a driver with cuTensorMapEncodeTiled; float16 or
 // bfloat16 A with rows 16-byte aligned (lda * 2 % 16 == 0), K % 64 == 0, blocksize >= 64 (a stage's 64 codes
 // of a row share one scale), `packed` 16-byte aligned, nested absmax codes 4-byte aligned, N % 8 == 0,
 // M < 2^31, N / 128 < 65536, K < 2^31. The caller (cuda_ops.cpp) sends other shapes elsewhere.
 //
-// Expected bottleneck: the dequantize work (about 3.5 ALU instructions and one shared-memory load per code
-// were predicted; ~9 per code in all were measured: ~284 instructions per consumer warp and stage), issued by
-// two warps per scheduler at about half the issue rate (ncu, 14336 x 4096, M = 64: issue slots 39%, DRAM
-// 20%). Measured on the H100: 14336 x 4096 at M = 64 43 us, M = 256 62 us (bf16 F.linear 46 and 51 us);
-// dequantize + cuBLAS stays faster above M = 512. Versions, predictions and profiles:
+// Expected bottleneck: each warp's serial chain per stage (wgmma issue, full-barrier wait, dequantize, wgmma
+// wait), not the issue rate: the pair table took the loop from ~265 to ~200 instructions per warp and stage
+// but the time only by 6-11%. Cycle stamps (14336 x 4096, one block per SM) put a stage at ~1100 cycles at M
+// = 64: ~450 issuing the four wgmma (waiting for the tensor core and the warp group), ~120 on the full
+// barrier, ~490 dequantizing and waiting for the wgmma; at M = 256 the wgmma issue alone takes ~960 (tensor-
+// and shared-memory-bound). Measured on the H100: 14336 x 4096 at M = 64 40 us, M = 256 59 us (bf16 F.linear
+// 48-50 and 53-56 us); dequantize + cuBLAS stays faster above M = 512. Versions, predictions and profiles:
 // benchmarks/notes_gemm_4bit_prefill.md.
 
 #include <cuda.h>
@@ -75,11 +77,11 @@ using wgmma_tiles::swizzled_tile_descriptor;
 constexpr int kConsumerThreads = 256;  // two warp groups of consumers (warps 0-7)
 constexpr int kConsumerWarps = kConsumerThreads / 32;
 static_assert(kConsumerWarps == 8, "two consumer warp groups");
-constexpr int kRowsW = 128;                         // rows of W per block
-constexpr int kStageK = 64;                         // elements of K per stage
-constexpr int kTileWBytes = kRowsW * kStageK / 2;   // codes
-constexpr int kScaleBytes = kRowsW * 8;             // per row: absmax or code word; nested absmax
-constexpr int kMaxDynamicSmem = 232448 - 3 * 1024;  // the SM's 227 KB less the static tables below
+constexpr int kRowsW = 128;                        // rows of W per block
+constexpr int kStageK = 64;                        // elements of K per stage
+constexpr int kTileWBytes = kRowsW * kStageK / 2;  // codes
+constexpr int kScaleBytes = kRowsW * 8;            // per row: absmax or code word; nested absmax
+constexpr int kStaticSmem = 256 * 16 * 8 + 1024;   // the kernel's tables: level pairs, nested code
 
 template <int kRowsA>
 struct Config {
@@ -91,7 +93,12 @@ struct Config {
   // (288 threads would cap every thread at 168). Smaller tiles: one producer warp.
   static constexpr bool kRegisterHandOff = kRowsA == 256;
   static constexpr int kThreads = kConsumerThreads + (kRegisterHandOff ? 128 : 32);
-  static constexpr int kStages = (kMaxDynamicSmem / kBlocksPerSm - 1024 - 256) / kStageBytes;
+  // Dynamic shared memory per block: the SM's 228 KB shared by the blocks, each of which also holds 1 KB
+  // reserved by the system and the static table; at most 227 KB less the static table for one block.
+  static constexpr int kBudget = 233472 / kBlocksPerSm - 1024 - kStaticSmem < 232448 - kStaticSmem
+                                     ? 233472 / kBlocksPerSm - 1024 - kStaticSmem
+                                     : 232448 - kStaticSmem;
+  static constexpr int kStages = (kBudget - 1024 - 256) / kStageBytes;
   static constexpr int kAcc = kRowsA / 2;        // float32 accumulators per consumer thread
   static constexpr int kEpiStride = kRowsW + 4;  // floats per staged output row
   static constexpr int kPipeBytes = kStages * kStageBytes;
@@ -99,7 +106,7 @@ struct Config {
   static constexpr int kBarrierOffset = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;
   static constexpr int kSmem = kBarrierOffset + 2 * kStages * 8 + 1024;  // + barriers, + alignment
   static_assert(kStages >= 3, "a deep enough ring");
-  static_assert(kSmem * kBlocksPerSm <= kMaxDynamicSmem, "fits the SM");
+  static_assert(kSmem <= kBudget, "fits the SM");
 };
 using host::kMaxDevices;
 
@@ -127,34 +134,19 @@ __device__ __forceinline__ void copy_4(uint32_t dst, const void* src, int src_by
                : "memory");
 }
 
-// Level of `code` from the lane-private table: `lane_offset` = 4 * lane, the code at bits [shift, shift + 4)
-// of `word` (shift may be negative: the code then sits below bit 7 and moves up).
-template <int kShift>
-__device__ __forceinline__ float level_at(const float* table, uint32_t word, uint32_t lane_offset) {
-  uint32_t at;
-  if constexpr (kShift >= 7) {
-    at = ((word >> (kShift - 7)) & 0x780u) | lane_offset;
-  } else {
-    at = ((word << (7 - kShift)) & 0x780u) | lane_offset;
-  }
-  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(table) + at);
-}
-
-// The two codes of byte kByte of `word` dequantized: {level(high nibble) * scale in the low half,
-// level(low nibble) * scale in the high half}.
-template <int kDType, int kByte>
-__device__ __forceinline__ uint32_t dequantize_byte(const float* table, uint32_t word, uint32_t lane_offset,
-                                                    float scale) {
-  const float first = level_at<8 * kByte + 4>(table, word, lane_offset);
-  const float second = level_at<8 * kByte>(table, word, lane_offset);
-  return pack2<kDType>(multiply_like_cuda(first, scale), multiply_like_cuda(second, scale));
-}
-
-// Byte q of each of the four words (selector = q | (q + 4) << 4): {x.q, y.q, z.q, w.q}.
-__device__ __forceinline__ uint32_t gather_bytes(uint4 v, uint32_t selector) {
-  const uint32_t xy = __byte_perm(v.x, v.y, selector);
-  const uint32_t zw = __byte_perm(v.z, v.w, selector);
-  return __byte_perm(xy, zw, 0x5410);
+// Byte q of `word` (rotate = (8 q + 25) % 32) dequantized through the pair table: the table's entry for the
+// byte at bits [7, 15) after the rotation, in lane column `column_offset` = 8 * (lane % 16); returns
+// {level(high nibble) * scale in the low half, level(low nibble) * scale in the high half}, each product in
+// float32 rounded to A's dtype (dequantize_4bit's value).
+template <int kDType>
+__device__ __forceinline__ uint32_t dequantize_byte(const uint8_t* pair_table, uint32_t word, uint32_t rotate,
+                                                    uint32_t column_offset, float scale) {
+  uint32_t at;  // (rotated & 0x7f80) | column_offset in one lop3 (left to itself, ptxas splits it in two)
+  asm("lop3.b32 %0, %1, 0x7f80, %2, 0xea;"
+      : "=r"(at)
+      : "r"(__funnelshift_r(word, word, rotate)), "r"(column_offset));
+  const float2 levels = *reinterpret_cast<const float2*>(pair_table + at);
+  return pack2<kDType>(multiply_like_cuda(levels.x, scale), multiply_like_cuda(levels.y, scale));
 }
 
 template <int kDType, int kRowsA, bool kNested>
@@ -163,11 +155,15 @@ __global__ void __launch_bounds__(Config<kRowsA>::kThreads, Config<kRowsA>::kBlo
                                  const __grid_constant__ CUtensorMap map_w, const TmaPrefillArgs args) {
   using C = Config<kRowsA>;
 #if defined(HALFBYTE_PREFILL_TMA)
-  __shared__ float level_table[16 * 32];  // entry e of lane l at 32 e + l
+  // The pair table: for code byte b, lane column c (= lane % 16) at byte 128 b + 8 c, the float32 levels of
+  // the byte's high and low nibble. A warp's 8-byte loads are served per half warp, whose 16 lanes read 16
+  // different columns: no bank conflicts whatever the bytes. Static, so that its address is an immediate.
+  __shared__ float2 pair_levels[256 * 16];
   __shared__ float nested_code[256];
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  // 1024-byte aligned by pointer arithmetic on the shared array (a round trip through an integer would turn
-  // every shared-memory load into a generic one)
+  const uint8_t* pair_table = reinterpret_cast<const uint8_t*>(pair_levels);
+  // The ring, 1024-byte aligned by pointer arithmetic on the shared array (a round trip through an integer
+  // would turn every shared-memory load into a generic one)
   uint8_t* smem = smem_raw + ((1024u - (smem_address(smem_raw) & 1023u)) & 1023u);
   const uint32_t full_bar = smem_address(smem + C::kBarrierOffset);  // kStages x 8 bytes
   const uint32_t empty_bar = full_bar + 8 * C::kStages;
@@ -182,7 +178,9 @@ __global__ void __launch_bounds__(Config<kRowsA>::kThreads, Config<kRowsA>::kBlo
   if (kt_end > k_stages) kt_end = k_stages;
   const int count = kt_begin < kt_end ? static_cast<int>(kt_end - kt_begin) : 0;
 
-  for (int i = tid; i < 16 * 32; i += C::kThreads) level_table[i] = __ldg(args.table + (i >> 5));
+  for (int i = tid; i < 256 * 16; i += C::kThreads) {
+    pair_levels[i] = make_float2(__ldg(args.table + (i >> 8)), __ldg(args.table + ((i >> 4) & 15)));
+  }
   if constexpr (kNested) {
     for (int i = tid; i < 256; i += C::kThreads) nested_code[i] = __ldg(args.scales.nested_code + i);
   }
@@ -256,8 +254,8 @@ __global__ void __launch_bounds__(Config<kRowsA>::kThreads, Config<kRowsA>::kBlo
     if (j >= args.N) j = args.N - 1;
     row_element[h] = j * args.K;
   }
-  const uint32_t selector = static_cast<uint32_t>(q) | (static_cast<uint32_t>(q + 4) << 4);
-  const uint32_t lane_offset = 4u * static_cast<uint32_t>(lane);
+  const uint32_t rotate = (8u * static_cast<uint32_t>(q) + 25u) & 31u;  // byte q to bits [7, 15)
+  const uint32_t column_offset = 8u * static_cast<uint32_t>(lane & 15);
   float offset = 0.0f;
   if constexpr (kNested) offset = __ldg(args.scales.offset);
 
@@ -270,13 +268,11 @@ __global__ void __launch_bounds__(Config<kRowsA>::kThreads, Config<kRowsA>::kBlo
     const uint8_t* w_tile = slot + C::kTileABytes;
     const uint8_t* scale_tile = w_tile + kTileWBytes;
     float scale[2];
-    uint32_t lo[2], hi[2];  // bytes q, 4 + q, ..., 12 + q (lo) and 16 + q .. 28 + q (hi) of the row's 32
+    uint4 words[2][2];  // the row's 32 bytes of codes
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const uint4 c0 = *reinterpret_cast<const uint4*>(w_tile + 32 * rows[h]);
-      const uint4 c1 = *reinterpret_cast<const uint4*>(w_tile + 32 * rows[h] + 16);
-      lo[h] = gather_bytes(c0, selector);
-      hi[h] = gather_bytes(c1, selector);
+      words[h][0] = *reinterpret_cast<const uint4*>(w_tile + 32 * rows[h]);
+      words[h][1] = *reinterpret_cast<const uint4*>(w_tile + 32 * rows[h] + 16);
       if constexpr (!kNested) {
         scale[h] = reinterpret_cast<const float*>(scale_tile)[rows[h]];
       } else {
@@ -290,17 +286,18 @@ __global__ void __launch_bounds__(Config<kRowsA>::kThreads, Config<kRowsA>::kBlo
         scale[h] = __fadd_rn(multiply_like_cuda(nested_code[code], nested_absmax), offset);
       }
     }
-    // Step s: a[s][0] row 0 byte 8s + q, a[s][1] row 1 byte 8s + q, a[s][2] / a[s][3] byte 8s + 4 + q.
+    // Step s: a[s][0] row 0 byte 8s + q (byte q of word 2s), a[s][1] row 1 byte 8s + q, a[s][2] / a[s][3]
+    // byte 8s + 4 + q (byte q of word 2s + 1).
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      a[0][h] = dequantize_byte<kDType, 0>(level_table, lo[h], lane_offset, scale[h]);
-      a[0][2 + h] = dequantize_byte<kDType, 1>(level_table, lo[h], lane_offset, scale[h]);
-      a[1][h] = dequantize_byte<kDType, 2>(level_table, lo[h], lane_offset, scale[h]);
-      a[1][2 + h] = dequantize_byte<kDType, 3>(level_table, lo[h], lane_offset, scale[h]);
-      a[2][h] = dequantize_byte<kDType, 0>(level_table, hi[h], lane_offset, scale[h]);
-      a[2][2 + h] = dequantize_byte<kDType, 1>(level_table, hi[h], lane_offset, scale[h]);
-      a[3][h] = dequantize_byte<kDType, 2>(level_table, hi[h], lane_offset, scale[h]);
-      a[3][2 + h] = dequantize_byte<kDType, 3>(level_table, hi[h], lane_offset, scale[h]);
+      const uint32_t w[8] = {words[h][0].x, words[h][0].y, words[h][0].z, words[h][0].w,
+                             words[h][1].x, words[h][1].y, words[h][1].z, words[h][1].w};
+#pragma unroll
+      for (int step = 0; step < 4; ++step) {
+        a[step][h] = dequantize_byte<kDType>(pair_table, w[2 * step], rotate, column_offset, scale[h]);
+        a[step][2 + h] =
+            dequantize_byte<kDType>(pair_table, w[2 * step + 1], rotate, column_offset, scale[h]);
+      }
     }
   };
 
