@@ -32,6 +32,24 @@ cudaError_t device_attribute(int& value) {
   return cudaSuccess;
 }
 
+// Raises `kKernel`'s dynamic shared memory limit to `kBytes` on the current device, once per device (the
+// attribute stays set; later calls do no CUDA work, so they are safe inside a graph capture).
+template <auto kKernel, int kBytes>
+cudaError_t allow_dynamic_shared_memory() {
+  static std::atomic<bool> configured[kMaxDevices];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  if (!configured[device].load(std::memory_order_relaxed)) {
+    err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kKernel),
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+    if (err != cudaSuccess) return err;
+    configured[device].store(true, std::memory_order_relaxed);
+  }
+  return cudaSuccess;
+}
+
 // log2 of a power-of-two blocksize.
 inline int log2_of(int64_t blocksize) {
   int log2 = 0;

@@ -52,7 +52,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "device_attributes.cuh"
@@ -76,7 +75,6 @@ constexpr int kWarpsM = 2;       // warps along the rows of A
 constexpr int kBN = 128;         // rows of W per block (mma.sync kernel)
 constexpr int kWgmmaRows = 128;  // rows of W per block (wgmma kernel)
 constexpr int kBK = 64;          // elements of K per pipeline stage
-using host::kMaxDevices;
 
 template <int kBM, int kRowsW = kBN>
 struct Tile {
@@ -505,16 +503,8 @@ cudaError_t sm_count(int& count) { return host::device_attribute<cudaDevAttrMult
 // Launches kKernel with kSmem bytes of dynamic shared memory, raising its limit once per device.
 template <auto kKernel, int kThreadsPerBlock, int kSmem>
 cudaError_t launch_with_shared_memory(const PrefillArgs& args, dim3 grid, cudaStream_t stream) {
-  static std::atomic<bool> configured[kMaxDevices];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  const cudaError_t err = host::allow_dynamic_shared_memory<kKernel, kSmem>();
   if (err != cudaSuccess) return err;
-  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  if (!configured[device].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    configured[device].store(true, std::memory_order_relaxed);
-  }
   kKernel<<<grid, kThreadsPerBlock, kSmem, stream>>>(args);
   return cudaGetLastError();
 }

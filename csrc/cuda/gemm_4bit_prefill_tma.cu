@@ -46,7 +46,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "device_attributes.cuh"
@@ -95,9 +94,8 @@ struct Config {
   static constexpr int kThreads = kConsumerThreads + (kRegisterHandOff ? 128 : 32);
   // Dynamic shared memory per block: the SM's 228 KB shared by the blocks, each of which also holds 1 KB
   // reserved by the system and the static table; at most 227 KB less the static table for one block.
-  static constexpr int kBudget = 233472 / kBlocksPerSm - 1024 - kStaticSmem < 232448 - kStaticSmem
-                                     ? 233472 / kBlocksPerSm - 1024 - kStaticSmem
-                                     : 232448 - kStaticSmem;
+  static constexpr int kShare = 233472 / kBlocksPerSm - 1024 - kStaticSmem;  // this block's part of the SM
+  static constexpr int kBudget = kShare < 232448 - kStaticSmem ? kShare : 232448 - kStaticSmem;
   static constexpr int kStages = (kBudget - 1024 - 256) / kStageBytes;
   static constexpr int kAcc = kRowsA / 2;        // float32 accumulators per consumer thread
   static constexpr int kEpiStride = kRowsW + 4;  // floats per staged output row
@@ -108,7 +106,6 @@ struct Config {
   static_assert(kStages >= 3, "a deep enough ring");
   static_assert(kSmem <= kBudget, "fits the SM");
 };
-using host::kMaxDevices;
 
 struct TmaPrefillArgs {
   int64_t M;
@@ -360,17 +357,9 @@ template <int kDType, int kRowsA, bool kNested>
 cudaError_t launch(const void* A, int64_t lda, const uint8_t* packed, const TmaPrefillArgs& args, dim3 grid,
                    cudaStream_t stream) {
   constexpr int kSmem = Config<kRowsA>::kSmem;
-  static std::atomic<bool> configured[kMaxDevices];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  constexpr auto kernel = gemm_4bit_prefill_tma_kernel<kDType, kRowsA, kNested>;
+  cudaError_t err = host::allow_dynamic_shared_memory<kernel, kSmem>();
   if (err != cudaSuccess) return err;
-  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  auto kernel = gemm_4bit_prefill_tma_kernel<kDType, kRowsA, kNested>;
-  if (!configured[device].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    configured[device].store(true, std::memory_order_relaxed);
-  }
   CUtensorMap map_a, map_w;
   err = tma_pipeline::encode_2d_map(
       map_a, kDType == kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, A, args.M,

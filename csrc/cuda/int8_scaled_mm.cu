@@ -33,7 +33,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "device_attributes.cuh"
@@ -70,7 +69,6 @@ struct Config {
   static constexpr int kSmem = kBarrierOffset + 2 * kStages * 8 + 1024;  // + barriers, + alignment
   static_assert(kStages >= 2, "wait_group 1 keeps one slot in use beyond the one computed");
 };
-using host::kMaxDevices;
 
 struct ScaledMmArgs {
   int64_t M;
@@ -347,17 +345,8 @@ template <typename Out, int kRowsA>
 cudaError_t launch(const int8_t* A, const int8_t* B, const ScaledMmArgs& args, dim3 grid, int splits,
                    cudaStream_t stream) {
   constexpr int kSmem = Config<kRowsA>::kSmem;
-  static std::atomic<bool> configured[kMaxDevices];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  cudaError_t err = host::allow_dynamic_shared_memory<int8_scaled_mm_kernel<Out, kRowsA>, kSmem>();
   if (err != cudaSuccess) return err;
-  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  if (!configured[device].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(int8_scaled_mm_kernel<Out, kRowsA>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    configured[device].store(true, std::memory_order_relaxed);
-  }
   CUtensorMap map_b, map_a;
   err = encode_map(map_b, B, args.N, args.K, kRowsB);
   if (err == cudaSuccess) err = encode_map(map_a, A, args.M, args.K, kRowsA);
