@@ -287,6 +287,10 @@ def test_compiled_linear4bit_follows_changes_of_its_quant_state(device, nested, 
             state = layer.weight.quant_state.state2
             state.absmax = state.absmax * 2
 
+        def write_absmax_in_place():  # after the first forward a nested state's absmax views the packed buffer
+            absmax = layer.weight.quant_state.absmax
+            absmax.copy_(absmax.flip(0))
+
         def distinct_layer(seed):
             torch.manual_seed(seed)
             fresh = Linear4bit(128, 48, quant_type="nf4", compress_statistics=nested)
@@ -300,7 +304,7 @@ def test_compiled_linear4bit_follows_changes_of_its_quant_state(device, nested, 
         def another_weight():  # a new Params4bit, as accelerate sets it: straight into _parameters
             layer._parameters["weight"] = copy.deepcopy(distinct_layer(2).weight)
 
-        changes = [lambda: layer.load_state_dict(other.state_dict()), replace_absmax]
+        changes = [lambda: layer.load_state_dict(other.state_dict()), replace_absmax, write_absmax_in_place]
         if nested:
             changes.append(replace_nested_absmax)
         changes += [another_state_for_the_bytes, another_weight]
@@ -309,6 +313,76 @@ def test_compiled_linear4bit_follows_changes_of_its_quant_state(device, nested, 
             outputs.append(compiled(x))
             torch.testing.assert_close(outputs[-1], layer(x), rtol=0, atol=0)
             assert not torch.equal(outputs[-1], outputs[-2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_forward_packs_double_quantized_scales_into_one_buffer(device, tmp_path):
+    """The 8-bit absmax, nested absmax and offset of a double-quantized state become views of one buffer
+    (packed_scales.py): same bits, dtypes and shapes, the same output, and state dicts, safetensors files and
+    pickles as before."""
+    from safetensors.torch import load_file, save_file
+
+    layer = quantized_linear(device, N=48, K=256, nested=True)
+    state = layer.weight.quant_state
+    fields = lambda: [state.absmax, state.offset, state.state2.absmax]  # noqa: E731
+    before = [t.clone() for t in fields()]
+    x = random_tensor((3, 256), torch.float32, device)
+    expected = torch.ops.halfbyte.gemm_4bit(
+        x, layer.weight.reshape(-1, 1), [48, 256], before[2], 64, "nf4", bias=layer.bias,
+        absmax_8bit=before[0], absmax_code=state.state2.code, absmax_offset=before[1],
+    )  # fmt: skip
+    with torch.no_grad():
+        out = layer(x)
+    assert_same_bits(out, expected)
+    storages = {t.untyped_storage().data_ptr() for t in fields()}
+    assert len(storages) == 1, "the scales are not packed into one buffer"
+    for now, old in zip(fields(), before, strict=True):
+        assert now.dtype == old.dtype and now.shape == old.shape
+        assert_same_bits(now, old)
+    # serialization copies the views out (safetensors refuses shared storage, torch.save mixed dtypes)
+    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "layer.safetensors")
+    fresh = Linear4bit(256, 48, quant_type="nf4", device="meta")
+    fresh.load_state_dict(load_file(tmp_path / "layer.safetensors", device=device), assign=True)
+    assert fresh.weight.quant_state == state
+    with torch.no_grad():
+        assert_same_bits(fresh(x), out)
+        assert_same_bits(pickle.loads(pickle.dumps(layer))(x), out)
+
+
+class _Stack(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_compiled_double_quantized_layers_guard_two_tensors_each():
+    """The traced forward of a linked layer reads its weight and one scale tensor (issue 7: every tensor a
+    compiled model reads is re-checked before each call, and with 224 layers those checks cost milliseconds of
+    each decode step); plain and double-quantized layers alike."""
+    eval_frame = pytest.importorskip("torch._dynamo.eval_frame")
+    if not hasattr(eval_frame, "_debug_get_cache_entry_list"):
+        pytest.skip("this torch cannot list a compiled frame's guards")
+    torch._dynamo.reset()
+    layers = [quantized_linear(N=128, nested=True, bias=False) for _ in range(3)]
+    layers[1] = quantized_linear(N=128, nested=False, bias=False)
+    for layer in layers[1:]:  # as quantize_4bit makes them: one nested code for all layers
+        if layer.weight.quant_state.nested:
+            layer.weight.quant_state.state2.code = layers[0].weight.quant_state.state2.code
+    model = _Stack(layers)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        expected = model(x)  # the eager forward links the kernel inputs
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert_same_bits(compiled(x), expected)
+    entries = eval_frame._debug_get_cache_entry_list(_Stack.forward.__code__)
+    guards = str(entries[0].guard_manager)
+    # x, each layer's weight and scales, and the one nested code
+    assert guards.count("TENSOR_MATCH") == 1 + 2 * len(layers) + 1, guards
 
 
 def test_a_replaced_weight_is_not_kept_alive_by_the_layer():

@@ -17,6 +17,7 @@ from . import (
     _ops,  # noqa: F401  (fake kernels + autograd)
     reference,
 )
+from .packed_scales import pack_nested_scales, unpack_scales
 from .quant_state import QuantState, pack_dict_to_tensor, unpack_tensor_to_dict
 
 __all__ = [
@@ -124,23 +125,36 @@ def quantize_blockwise(
 def kernel_inputs(state: QuantState) -> dict[str, Any]:
     """What the 4-bit ops read from a QuantState, as one dict cached on the state (see QuantState's notes).
 
-    Keys: ``shape`` ([N, K] list or None), ``absmax``, ``blocksize``, ``quant_type``, ``offset``, and ``nested``:
-    None, or the nested state's own dict {``absmax``, ``code``}. Built on first use outside torch.compile;
-    while tracing, a missing or emptied cache is read afresh from the fields (correct, with more guards)."""
+    Keys: ``shape`` ([N, K] list or None), ``absmax``, ``blocksize``, ``quant_type``, ``offset``, ``nested``:
+    None, or the nested state's own dict {``absmax``, ``code``}; ``traced``, ``scales`` and ``code``: the same
+    as one constant tuple, one tensor and the nested code (``traced_scale_args``), or None. Built on first use
+    outside torch.compile, which also packs a double-quantized state's scales into one buffer
+    (packed_scales.py); while tracing, a missing or emptied cache is read afresh from the fields (correct, with
+    more guards)."""
     fields = vars(state)
     cached = fields.get("_kernel_inputs")
     if kernel_inputs_intact(cached):
         return cached
+    compiling = torch.compiler.is_compiling()
     nested_state = fields["state2"]
     nested = None
+    if nested_state is not None and vars(nested_state)["blocksize"] != NESTED_BLOCKSIZE:
+        raise ValueError(f"double quantization must use blocks of 256, got {vars(nested_state)['blocksize']}")
+    packed = None if compiling else pack_nested_scales(state)  # no buffers made while tracing
     if nested_state is not None:
         nested_fields = vars(nested_state)
-        if nested_fields["blocksize"] != NESTED_BLOCKSIZE:
-            raise ValueError(f"double quantization must use blocks of 256, got {nested_fields['blocksize']}")
         nested = nested_fields.get("_kernel_inputs_nested")
         if not nested:
             nested = {"absmax": nested_fields["absmax"], "code": nested_fields["code"]}
     shape = fields["shape"]
+    # What a compiled model reads (traced_scale_args): the layout as one constant tuple and the scales as one
+    # tensor, the absmax of a plain state or the packed buffer of a nested one; None when the state has no
+    # shape or its nested scales could not be packed (the traced code then reads the fields above).
+    traced = scales = None
+    if shape is not None and len(shape) == 2 and (nested is None or packed is not None):
+        layout = None if packed is None else packed[1]
+        traced = (int(shape[0]), int(shape[1]), fields["blocksize"], fields["quant_type"], layout)
+        scales = fields["absmax"] if packed is None else packed[0]
     built = {
         "shape": None if shape is None else list(shape),
         "absmax": fields["absmax"],
@@ -148,19 +162,39 @@ def kernel_inputs(state: QuantState) -> dict[str, Any]:
         "quant_type": fields["quant_type"],
         "offset": fields["offset"],
         "nested": nested,
+        "traced": traced,
+        "scales": scales,
+        "code": None if nested is None else nested["code"],
     }
-    if not torch.compiler.is_compiling():  # no cache writes while tracing
+    if not compiling:  # no cache writes while tracing
         if nested_state is not None:
             object.__setattr__(nested_state, "_kernel_inputs_nested", nested)
+            # a change of the nested state empties this dict too (QuantState.__setattr__)
+            users = [d for d in nested_state.__dict__.get("_kernel_inputs_users") or () if d]
+            object.__setattr__(nested_state, "_kernel_inputs_users", [*users, built])
         object.__setattr__(state, "_kernel_inputs", built)
     return built
 
 
 def kernel_inputs_intact(inputs: dict[str, Any] | None) -> bool:
-    """Whether a dict from ``kernel_inputs`` is still whole: neither it nor its nested part was emptied by a
-    change of the state since it was built. Written with len() rather than bool(): Dynamo before torch 2.13
-    cannot trace bool() of a dict."""
-    return inputs is not None and len(inputs) > 0 and (inputs["nested"] is None or len(inputs["nested"]) > 0)
+    """Whether a dict from ``kernel_inputs`` is still whole: not emptied by a change of its state or of the
+    nested state since it was built. Written with len() rather than bool(): Dynamo before torch 2.13 cannot
+    trace bool() of a dict."""
+    return inputs is not None and len(inputs) > 0
+
+
+def traced_scale_args(inputs: dict[str, Any], traced: tuple) -> tuple[list[int], torch.Tensor, int, str, dict]:
+    """(shape, absmax, blocksize, quant_type, nested keyword arguments) of the 4-bit ops from the ``traced``,
+    ``scales`` and ``code`` entries of a ``kernel_inputs`` dict (``traced`` not None): one constant tuple, one
+    tensor (sliced here: inside a compiled graph the slices are free) and, when nested, the nested code (one
+    tensor shared by the layers that quantized their absmax alike)."""
+    N, K, blocksize, quant_type, layout = traced
+    scales = inputs["scales"]
+    if layout is None:
+        return [N, K], scales, blocksize, quant_type, {}
+    absmax_8bit, nested_absmax, offset = unpack_scales(scales, layout)
+    kwargs = {"absmax_8bit": absmax_8bit, "absmax_code": inputs["code"], "absmax_offset": offset}
+    return [N, K], nested_absmax, blocksize, quant_type, kwargs
 
 
 def _scale_args(state: QuantState) -> tuple[torch.Tensor, dict]:

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .packed_scales import owns_storage
+
 QUANT_TYPES = ("fp4", "nf4")
 _PACKED_PREFIX = "quant_state.bitsandbytes__"
 _VALID_KEYS = {
@@ -19,7 +21,9 @@ _VALID_KEYS = {
     "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset",
 }  # fmt: skip
 _REQUIRED_KEYS = ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape")
-_KERNEL_INPUT_KEYS = ("_kernel_inputs", "_kernel_inputs_nested")  # caches of functional.kernel_inputs
+# Caches of functional.kernel_inputs: the state's own dict, a nested state's dict, and in a nested state the list
+# of the dicts of the states that nest it (emptied with it).
+_KERNEL_INPUT_KEYS = ("_kernel_inputs", "_kernel_inputs_nested", "_kernel_inputs_users")
 _REQUIRED_NESTED_KEYS = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
 
 
@@ -46,6 +50,14 @@ def _same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
         return False
     as_bytes = lambda t: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
     return torch.equal(as_bytes(a), as_bytes(b))
+
+
+def _own_storage(t: Any) -> Any:
+    """A tensor that is a view into a larger buffer (packed_scales.py) as a copy of its own: safetensors refuses
+    tensors that share storage, and torch.save would write the whole buffer."""
+    if isinstance(t, torch.Tensor) and t.device.type != "meta" and not owns_storage(t):
+        return t.clone()
+    return t
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -99,19 +111,24 @@ class QuantState:
     # attributes made that check take 3 ms of each decode step (benchmarks/README.md, issue 7).
     # Setting any attribute empties the dict in place, so a compiled graph reading it fails its guards and is
     # traced again; a nested state's dict (``_kernel_inputs_nested``: its absmax and code) is shared with the
-    # states that nest it, so changing the nested state empties their view of it too.
+    # states that nest it, and it keeps their dicts (``_kernel_inputs_users``), so changing the nested state
+    # empties those too.
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
         if name not in _KERNEL_INPUT_KEYS:
+            users = self.__dict__.get("_kernel_inputs_users")
+            for cached in users or ():
+                cached.clear()
             for key in _KERNEL_INPUT_KEYS:
                 cached = self.__dict__.get(key)
                 if cached:
                     cached.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        # the caches are rebuilt on first use; copies and pickles carry only the fields
-        return {k: v for k, v in self.__dict__.items() if k not in _KERNEL_INPUT_KEYS}
+        # the caches are rebuilt on first use; copies and pickles carry only the fields, each tensor in storage
+        # of its own (torch.save cannot write views of one packed buffer as different dtypes)
+        return {k: _own_storage(v) for k, v in self.__dict__.items() if k not in _KERNEL_INPUT_KEYS}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -189,7 +206,7 @@ class QuantState:
         """Tensors and plain values for serialization; ``packed=True`` gives only tensors (safetensors)."""
         fields: dict[str, Any] = {
             "quant_type": self.quant_type,
-            "absmax": self.absmax,
+            "absmax": _own_storage(self.absmax),
             "blocksize": self.blocksize,
             # a copy: the code table may be shared by many states (safetensors refuses shared tensors)
             "quant_map": self.code.clone() if isinstance(self.code, torch.Tensor) else self.code,
@@ -199,7 +216,7 @@ class QuantState:
         if self.nested:
             fields.update(
                 {
-                    "nested_absmax": self.state2.absmax,
+                    "nested_absmax": _own_storage(self.state2.absmax),
                     "nested_blocksize": self.state2.blocksize,
                     "nested_quant_map": self.state2.code.clone(),  # a copy, as quant_map
                     "nested_dtype": _dtype_name(self.state2.dtype),

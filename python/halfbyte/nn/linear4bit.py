@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..autograd import gemm_4bit_from_inputs, matmul_4bit
+from ..autograd import gemm_4bit_from_scale_args, matmul_4bit, scale_args_of
 from .params4bit import Params4bit
 from .quantized_state_dict import QuantizedWeightStateDict
 
@@ -88,24 +88,32 @@ def _forward_traced(self: Linear4bit, x: torch.Tensor) -> torch.Tensor:
     with 224 layers those checks cost milliseconds per decode step (benchmarks/README.md, issue 7). The
     cheapest reads are dict lookups from the module: the weight in ``_parameters`` and the kernel inputs that
     the eager forward linked into the module's ``__dict__`` (the QuantState's own cached dict, emptied in place
-    whenever the state changes or the weight gets another state). That path is taken when the link is there,
-    belongs to this weight and is not emptied; otherwise the weight's QuantState is read, as in eager, with
-    more guards. The float32 warning is skipped (it never fires under compile)."""
+    whenever the state, its nested state or the weight's state changes), of which it reads the layout as one
+    constant tuple, the scales as one tensor (a double-quantized state's absmax, nested absmax and offset packed
+    into one buffer, packed_scales.py) and a nested state's code (usually one tensor for all layers). That path
+    is taken when the link is there, belongs to this weight and is not emptied; otherwise the weight's
+    QuantState is read, as in eager, with more guards. The float32 warning is skipped (it never fires under
+    compile)."""
     fields = self.__dict__
     weight = self._parameters["weight"]
     inputs = fields.get(_LINKED_INPUTS)
     linked = fields.get(_LINKED_WEIGHT)
-    if not (linked is not None and linked() is weight and F.kernel_inputs_intact(inputs)):
+    # An emptied dict has no "traced" (get, not len: len would make Dynamo guard every entry of the dict).
+    traced = None if inputs is None else inputs.get("traced")
+    if traced is not None and linked is not None and linked() is weight:
+        return _matmul(self, x, weight, F.traced_scale_args(inputs, traced))
+    if linked is None or linked() is not weight or not F.kernel_inputs_intact(inputs):
         state = weight.quant_state if isinstance(weight, Params4bit) else None
         if state is None:
             ensure_quant_state(self)  # raises the clear error, or repairs an FSDP-flattened weight
             weight, state = self.weight, self.weight.quant_state
         inputs = F.kernel_inputs(state)
-    return _matmul(self, x, weight, inputs)
+    return _matmul(self, x, weight, scale_args_of(inputs))
 
 
-def _matmul(self: Linear4bit, x: torch.Tensor, weight: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """The rest of forward, eager and traced: checks, compute dtype, the fused op, the cast back."""
+def _matmul(self: Linear4bit, x: torch.Tensor, weight: torch.Tensor, scale_args: tuple) -> torch.Tensor:
+    """The rest of forward, eager and traced: checks, compute dtype, the fused op, the cast back.
+    ``scale_args``: (shape, absmax, blocksize, quant_type, nested keyword arguments) of the weight's state."""
     if x.shape[-1] != self.in_features:
         raise ValueError(
             f"Linear4bit: input has {x.shape[-1]} features in its last dimension (shape {list(x.shape)}), the "
@@ -116,10 +124,10 @@ def _matmul(self: Linear4bit, x: torch.Tensor, weight: torch.Tensor, inputs: dic
         x = x.to(self.compute_dtype)
     bias = self._parameters["bias"]
     bias = None if bias is None else bias.to(x.dtype)
-    N, K = inputs["shape"]
+    N, K = scale_args[0]
     if x.shape[-1] == N and N != K:  # a state of the [K, N] transpose: matmul_4bit's unfused path, with its warning
         return matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias).to(input_dtype)
-    return gemm_4bit_from_inputs(x, weight, inputs, bias).to(input_dtype)
+    return gemm_4bit_from_scale_args(x, weight, scale_args, bias).to(input_dtype)
 
 
 class Linear4bit(QuantizedWeightStateDict, nn.Linear):
@@ -182,7 +190,7 @@ class Linear4bit(QuantizedWeightStateDict, nn.Linear):
         ensure_quant_state(self)
         self.set_compute_type(x)
         weight = self.weight
-        return _matmul(self, x, weight, _link_kernel_inputs(self, weight, weight.quant_state))
+        return _matmul(self, x, weight, scale_args_of(_link_kernel_inputs(self, weight, weight.quant_state)))
 
     def __getstate__(self) -> dict:
         # copies and pickles drop the link to the kernel inputs; the copy links its own on its first forward
