@@ -32,7 +32,9 @@ def scale_args_of(inputs: dict) -> tuple[list[int], torch.Tensor, int, str, dict
 
 def _args_from_scale_args(B: torch.Tensor, scale_args: tuple) -> tuple:
     shape, absmax, blocksize, quant_type, kwargs = scale_args
-    return (B.reshape(-1, 1), shape, absmax, blocksize, quant_type), kwargs
+    # Params4bit is stored [bytes, 1] already; a no-op reshape still costs a dispatcher call per layer call.
+    column = B if B.dim() == 2 and B.shape[1] == 1 else B.reshape(-1, 1)
+    return (column, shape, absmax, blocksize, quant_type), kwargs
 
 
 def gemm_4bit_from_inputs(A: torch.Tensor, B: torch.Tensor, inputs: dict, bias: torch.Tensor | None) -> torch.Tensor:

@@ -119,15 +119,21 @@ def _matmul(self: Linear4bit, x: torch.Tensor, weight: torch.Tensor, scale_args:
             f"Linear4bit: input has {x.shape[-1]} features in its last dimension (shape {list(x.shape)}), the "
             f"layer expects in_features={self.in_features}"
         )
+    # Casts only where the dtype differs: a no-op .to() still costs a dispatcher call, paid on every layer call
+    # of eager decoding.
     input_dtype = x.dtype
-    if self.compute_dtype is not None:
-        x = x.to(self.compute_dtype)
+    compute_dtype = self.compute_dtype
+    if compute_dtype is not None and compute_dtype != input_dtype:
+        x = x.to(compute_dtype)
     bias = self._parameters["bias"]
-    bias = None if bias is None else bias.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     N, K = scale_args[0]
     if x.shape[-1] == N and N != K:  # a state of the [K, N] transpose: matmul_4bit's unfused path, with its warning
-        return matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias).to(input_dtype)
-    return gemm_4bit_from_scale_args(x, weight, scale_args, bias).to(input_dtype)
+        out = matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias)
+    else:
+        out = gemm_4bit_from_scale_args(x, weight, scale_args, bias)
+    return out if out.dtype == input_dtype else out.to(input_dtype)
 
 
 class Linear4bit(QuantizedWeightStateDict, nn.Linear):
