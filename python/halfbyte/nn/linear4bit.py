@@ -67,6 +67,7 @@ def ensure_quant_state(module: nn.Module) -> None:
 
 _LINKED_INPUTS = "_kernel_inputs"
 _LINKED_WEIGHT = "_kernel_inputs_weight"
+_EAGER_ARGS = "eager_scale_args"  # in the linked dict: scale_args_of it, made once per link
 
 
 def _link_kernel_inputs(module: nn.Module, weight: torch.Tensor, state) -> dict:
@@ -193,10 +194,23 @@ class Linear4bit(QuantizedWeightStateDict, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return _forward_traced(self, x)
-        ensure_quant_state(self)
-        self.set_compute_type(x)
-        weight = self.weight
-        return _matmul(self, x, weight, scale_args_of(_link_kernel_inputs(self, weight, weight.quant_state)))
+        # Eager decoding calls this 224 times per token, so the common case is a few dict lookups: the kernel
+        # inputs linked by an earlier call, still whole (any change of the state empties them) and still this
+        # weight's. Otherwise check the weight and link its state's inputs (with the operands, kept in them).
+        fields = self.__dict__
+        weight = self._parameters["weight"]
+        inputs = fields.get(_LINKED_INPUTS)
+        linked = fields.get(_LINKED_WEIGHT)
+        if not (inputs and linked is not None and linked() is weight):
+            ensure_quant_state(self)
+            weight = self.weight
+            inputs = _link_kernel_inputs(self, weight, weight.quant_state)
+            inputs[_EAGER_ARGS] = scale_args_of(inputs)
+        compute_dtype = self.compute_dtype
+        if compute_dtype is None or compute_dtype == torch.float32:  # the only cases that may warn
+            self.set_compute_type(x)
+        scale_args = inputs.get(_EAGER_ARGS)
+        return _matmul(self, x, weight, scale_args if scale_args is not None else scale_args_of(inputs))
 
     def __getstate__(self) -> dict:
         # copies and pickles drop the link to the kernel inputs; the copy links its own on its first forward
