@@ -287,7 +287,7 @@ def test_compiled_linear4bit_follows_changes_of_its_quant_state(device, nested, 
             state = layer.weight.quant_state.state2
             state.absmax = state.absmax * 2
 
-        def write_absmax_in_place():  # after the first forward a nested state's absmax views the packed buffer
+        def write_absmax_in_place():  # a layer's nested state: a view of the packed buffer (packed_scales.py)
             absmax = layer.weight.quant_state.absmax
             absmax.copy_(absmax.flip(0))
 
@@ -316,34 +316,43 @@ def test_compiled_linear4bit_follows_changes_of_its_quant_state(device, nested, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_first_forward_packs_double_quantized_scales_into_one_buffer(device, tmp_path):
-    """The 8-bit absmax, nested absmax and offset of a double-quantized state become views of one buffer
-    (packed_scales.py): same bits, dtypes and shapes, the same output, and state dicts, safetensors files and
-    pickles as before."""
+def test_a_layer_packs_its_double_quantized_scales_into_one_buffer(device, tmp_path):
+    """The 8-bit absmax, nested absmax and offset of a layer's double-quantized state are views of one buffer
+    (packed_scales.py) from the moment it is quantized or loaded: the bits, dtypes and shapes quantize_4bit gives,
+    the same output; a forward never repacks (a CUDA graph captured earlier keeps its addresses); QuantState.to
+    keeps the packing; state dicts, safetensors files and pickles are as before."""
     from safetensors.torch import load_file, save_file
 
-    layer = quantized_linear(device, N=48, K=256, nested=True)
+    torch.manual_seed(0)
+    weight = random_tensor((48, 256), torch.float32)
+    layer = Linear4bit(256, 48, quant_type="nf4", compress_statistics=True)
+    layer.weight.data.copy_(weight)
+    layer = layer.to(device)
+    _, unpacked = F.quantize_4bit(weight.to(device), blocksize=64, compress_statistics=True, quant_type="nf4")
     state = layer.weight.quant_state
-    fields = lambda: [state.absmax, state.offset, state.state2.absmax]  # noqa: E731
-    before = [t.clone() for t in fields()]
+    fields = lambda s: [s.absmax, s.offset, s.state2.absmax]  # noqa: E731
+    assert len({t.untyped_storage().data_ptr() for t in fields(state)}) == 1, "the scales are not packed"
+    for now, reference in zip(fields(state), fields(unpacked), strict=True):
+        assert now.dtype == reference.dtype and now.shape == reference.shape
+        assert_same_bits(now, reference)
     x = random_tensor((3, 256), torch.float32, device)
     expected = torch.ops.halfbyte.gemm_4bit(
-        x, layer.weight.reshape(-1, 1), [48, 256], before[2], 64, "nf4", bias=layer.bias,
-        absmax_8bit=before[0], absmax_code=state.state2.code, absmax_offset=before[1],
+        x, layer.weight.reshape(-1, 1), [48, 256], unpacked.state2.absmax, 64, "nf4", bias=layer.bias,
+        absmax_8bit=unpacked.absmax, absmax_code=unpacked.state2.code, absmax_offset=unpacked.offset,
     )  # fmt: skip
+    addresses = [t.data_ptr() for t in fields(state)]
     with torch.no_grad():
         out = layer(x)
     assert_same_bits(out, expected)
-    storages = {t.untyped_storage().data_ptr() for t in fields()}
-    assert len(storages) == 1, "the scales are not packed into one buffer"
-    for now, old in zip(fields(), before, strict=True):
-        assert now.dtype == old.dtype and now.shape == old.shape
-        assert_same_bits(now, old)
+    assert [t.data_ptr() for t in fields(state)] == addresses, "a forward moved the scales"
+    state.to(device)
+    assert F.kernel_inputs(state)["traced"][4] is not None, "QuantState.to undid the packing"
     # serialization copies the views out (safetensors refuses shared storage, torch.save mixed dtypes)
     save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "layer.safetensors")
     fresh = Linear4bit(256, 48, quant_type="nf4", device="meta")
     fresh.load_state_dict(load_file(tmp_path / "layer.safetensors", device=device), assign=True)
     assert fresh.weight.quant_state == state
+    assert len({t.untyped_storage().data_ptr() for t in fields(fresh.weight.quant_state)}) == 1
     with torch.no_grad():
         assert_same_bits(fresh(x), out)
         assert_same_bits(pickle.loads(pickle.dumps(layer))(x), out)

@@ -17,7 +17,7 @@ from . import (
     _ops,  # noqa: F401  (fake kernels + autograd)
     reference,
 )
-from .packed_scales import pack_nested_scales, unpack_scales
+from .packed_scales import packed_scales_of, unpack_scales
 from .quant_state import QuantState, pack_dict_to_tensor, unpack_tensor_to_dict
 
 __all__ = [
@@ -128,7 +128,7 @@ def kernel_inputs(state: QuantState) -> dict[str, Any]:
     Keys: ``shape`` ([N, K] list or None), ``absmax``, ``blocksize``, ``quant_type``, ``offset``, ``nested``:
     None, or the nested state's own dict {``absmax``, ``code``}; ``traced``, ``scales`` and ``code``: the same
     as one constant tuple, one tensor and the nested code (``traced_scale_args``), or None. Built on first use
-    outside torch.compile, which also packs a double-quantized state's scales into one buffer
+    outside torch.compile, with ``scales`` the packed buffer when the state's scales are packed
     (packed_scales.py); while tracing, a missing or emptied cache is read afresh from the fields (correct, with
     more guards)."""
     fields = vars(state)
@@ -140,7 +140,7 @@ def kernel_inputs(state: QuantState) -> dict[str, Any]:
     nested = None
     if nested_state is not None and vars(nested_state)["blocksize"] != NESTED_BLOCKSIZE:
         raise ValueError(f"double quantization must use blocks of 256, got {vars(nested_state)['blocksize']}")
-    packed = None if compiling else pack_nested_scales(state)  # no buffers made while tracing
+    packed = None if compiling else packed_scales_of(state)  # reads addresses: not while tracing
     if nested_state is not None:
         nested_fields = vars(nested_state)
         nested = nested_fields.get("_kernel_inputs_nested")

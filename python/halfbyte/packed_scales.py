@@ -5,7 +5,12 @@ and five dynamic-dimension checks each); with 224 4-bit layers and three scale t
 (8-bit absmax, nested absmax, offset) beside the nested code that check is a millisecond of every decode step on
 a GPU host (benchmarks/README.md, issue 7). ``pack_nested_scales`` copies the three into one uint8 buffer and
 makes the state's fields views into it (same values, dtypes and shapes; no second copy is kept), so the traced
-forward reads the buffer and slices it inside the graph, where views cost nothing. The nested code (256 floats)
+forward reads the buffer and slices it inside the graph, where views cost nothing.
+
+When: once, as a Params4bit gets its state (quantized on a move to a device, or loaded), and QuantState.to moves
+the buffer whole; never in a forward (a CUDA graph captured before would keep reading the freed tensors) and
+never during CUDA-graph capture. States made otherwise (functional.quantize_4bit, bitsandbytes) stay as they
+are and work the same, with more guards under torch.compile. The nested code (256 floats)
 stays a tensor of its own: it is usually one tensor shared by every layer, which a per-layer copy would undo.
 
 Buffer layout (byte offsets, each part 16-byte aligned): [0, n) the 8-bit absmax codes; then the nested absmax
@@ -22,6 +27,7 @@ if TYPE_CHECKING:
     from .quant_state import QuantState
 
 _ALIGN = 16
+PACKED_KEY = "_packed_scales"  # in a packed state's __dict__: (buffer, layout)
 
 
 def _aligned(n: int) -> int:
@@ -63,6 +69,9 @@ def pack_nested_scales(state: QuantState) -> tuple[torch.Tensor, tuple[int, int,
     state that someone else still holds keeps its old memory: writes into it no longer reach the state."""
     if not _packable(state):
         return None
+    packed = packed_scales_of(state)
+    if packed is not None:
+        return packed
     nested = state.state2
     layout = packed_layout(state.absmax.numel(), nested.absmax.numel())
     buffer = torch.zeros(layout[3] + _ALIGN, dtype=torch.uint8, device=state.absmax.device)
@@ -70,11 +79,48 @@ def pack_nested_scales(state: QuantState) -> tuple[torch.Tensor, tuple[int, int,
     absmax.copy_(state.absmax.reshape(-1))
     nested_absmax.copy_(nested.absmax.reshape(-1))
     offset.copy_(state.offset.reshape(()))
-    # Plain attribute sets: they empty the states' kernel-input caches, which the caller then rebuilds.
+    _adopt(state, buffer, layout)
+    return buffer, layout
+
+
+def _adopt(state: QuantState, buffer: torch.Tensor, layout: tuple[int, int, int, int]) -> None:
+    """Make the state's three fields views of `buffer` (plain attribute sets: they empty the kernel-input caches)
+    and remember the buffer for ``packed_scales_of``."""
+    absmax, nested_absmax, offset = unpack_scales(buffer, layout)
     state.absmax = absmax.view(state.absmax.shape)
     state.offset = offset.view(state.offset.shape)
-    nested.absmax = nested_absmax.view(nested.absmax.shape)
-    return buffer, layout
+    state.state2.absmax = nested_absmax.view(state.state2.absmax.shape)
+    object.__setattr__(state, PACKED_KEY, (buffer, layout))
+
+
+def packed_scales_of(state: QuantState) -> tuple[torch.Tensor, tuple[int, int, int, int]] | None:
+    """(buffer, layout) when the state's 8-bit absmax, nested absmax and offset are still the views
+    ``pack_nested_scales`` made (checked by address: a field set since then, or moved alone, fails it), else None.
+    Reads no tensor data."""
+    packed = state.__dict__.get(PACKED_KEY)
+    nested = state.state2
+    if packed is None or nested is None:
+        return None
+    buffer, layout = packed
+    n_codes, n_nested, nested_at, offset_at = layout
+    base = buffer.data_ptr()
+    parts = ((state.absmax, 0, n_codes), (nested.absmax, nested_at, n_nested), (state.offset, offset_at, 1))
+    for tensor, at, numel in parts:
+        if not isinstance(tensor, torch.Tensor) or tensor.device != buffer.device:
+            return None
+        if tensor.data_ptr() != base + at or tensor.numel() != numel or not tensor.is_contiguous():
+            return None
+    return packed
+
+
+def move_packed_scales(state: QuantState, device: torch.device | str) -> bool:
+    """Move a packed state's buffer to `device` in one copy and re-view the fields; False when not packed."""
+    packed = packed_scales_of(state)
+    if packed is None:
+        return False
+    buffer, layout = packed
+    _adopt(state, buffer.to(device), layout)
+    return True
 
 
 def unpack_scales(

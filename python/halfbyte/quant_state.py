@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .packed_scales import owns_storage
+from .packed_scales import PACKED_KEY, move_packed_scales, owns_storage
 
 QUANT_TYPES = ("fp4", "nf4")
 _PACKED_PREFIX = "quant_state.bitsandbytes__"
@@ -128,7 +128,7 @@ class QuantState:
     def __getstate__(self) -> dict[str, Any]:
         # the caches are rebuilt on first use; copies and pickles carry only the fields, each tensor in storage
         # of its own (torch.save cannot write views of one packed buffer as different dtypes)
-        return {k: _own_storage(v) for k, v in self.__dict__.items() if k not in _KERNEL_INPUT_KEYS}
+        return {k: _own_storage(v) for k, v in self.__dict__.items() if k not in _KERNEL_INPUT_KEYS and k != PACKED_KEY}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -232,8 +232,12 @@ class QuantState:
         return tensors
 
     def to(self, device) -> QuantState:
-        """Move the tensors to `device` (in place, like bitsandbytes); returns self for chaining."""
+        """Move the tensors to `device` (in place, like bitsandbytes); returns self for chaining. Packed scales
+        (packed_scales.py) move as one buffer and stay packed."""
         self.code = self.code.to(device)
+        if move_packed_scales(self, device):
+            self.state2.code = self.state2.code.to(device)
+            return self
         self.absmax = self.absmax.to(device)
         if self.nested:
             self.offset = self.offset.to(device)

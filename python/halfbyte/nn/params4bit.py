@@ -22,6 +22,7 @@ import torch
 
 from .. import functional as F
 from .. import reference
+from ..packed_scales import pack_nested_scales
 from ..quant_state import QuantState
 from .quantized_parameter import QuantizedParameter
 
@@ -85,6 +86,10 @@ class Params4bit(QuantizedParameter):
             cached = None if old is None or old is value else old.__dict__.get("_kernel_inputs")
             if cached:
                 cached.clear()
+            if isinstance(value, QuantState):
+                # once per state, as it is quantized or loaded: one buffer for the double-quantized scales, so
+                # that a compiled model guards fewer tensors (packed_scales.py)
+                pack_nested_scales(value)
         super().__setattr__(name, value)
 
     # ---- construction from a checkpoint ---------------------------------------------------------------
