@@ -10,8 +10,8 @@ forward reads the buffer and slices it inside the graph, where views cost nothin
 When: once, as a Params4bit gets its state (quantized on a move to a device, or loaded), and QuantState.to moves
 the buffer whole; never in a forward (a CUDA graph captured before would keep reading the freed tensors) and
 never during CUDA-graph capture. States made otherwise (functional.quantize_4bit, bitsandbytes) stay as they
-are and work the same, with more guards under torch.compile. The nested code (256 floats)
-stays a tensor of its own: it is usually one tensor shared by every layer, which a per-layer copy would undo.
+are and work the same, with more guards under torch.compile. The nested code (256 floats) stays a tensor of
+its own: it is usually one tensor shared by every layer, which a per-layer copy would undo.
 
 Buffer layout (byte offsets, each part 16-byte aligned): [0, n) the 8-bit absmax codes; then the nested absmax
 (float32, one per 256 blocks); then the float32 offset.
