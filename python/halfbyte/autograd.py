@@ -21,13 +21,7 @@ def gemm_4bit_args(B: torch.Tensor, quant_state: QuantState) -> tuple:
 
 
 def _args_from_inputs(B: torch.Tensor, inputs: dict) -> tuple:
-    return _args_from_scale_args(B, scale_args_of(inputs))
-
-
-def scale_args_of(inputs: dict) -> tuple[list[int], torch.Tensor, int, str, dict]:
-    """(shape, absmax, blocksize, quant_type, nested keyword arguments) from ``functional.kernel_inputs``."""
-    absmax, kwargs = F.scale_args(inputs)
-    return inputs["shape"], absmax, inputs["blocksize"], inputs["quant_type"], kwargs
+    return _args_from_scale_args(B, F.scale_args_of(inputs))
 
 
 def _args_from_scale_args(B: torch.Tensor, scale_args: tuple) -> tuple:
@@ -39,12 +33,12 @@ def _args_from_scale_args(B: torch.Tensor, scale_args: tuple) -> tuple:
 
 def gemm_4bit_from_inputs(A: torch.Tensor, B: torch.Tensor, inputs: dict, bias: torch.Tensor | None) -> torch.Tensor:
     """The fused op on ``functional.kernel_inputs`` of B's state (B stored as [N, K], A of shape [..., K])."""
-    return gemm_4bit_from_scale_args(A, B, scale_args_of(inputs), bias)
+    return gemm_4bit_from_scale_args(A, B, F.scale_args_of(inputs), bias)
 
 
 def gemm_4bit_from_scale_args(A: torch.Tensor, B: torch.Tensor, scale_args: tuple, bias: torch.Tensor | None):
     """The fused op on (shape, absmax, blocksize, quant_type, nested keyword arguments) of B's state: from
-    ``scale_args_of`` (eager) or ``functional.traced_scale_args`` (compiled)."""
+    ``functional.scale_args_of`` (eager) or ``functional.traced_scale_args`` (compiled)."""
     args, kwargs = _args_from_scale_args(B, scale_args)
     if torch.compiler.is_compiling() or _needs_gradient(A, bias):
         return torch.ops.halfbyte.gemm_4bit(A, *args, bias=bias, **kwargs)

@@ -183,6 +183,13 @@ def kernel_inputs_intact(inputs: dict[str, Any] | None) -> bool:
     return inputs is not None and len(inputs) > 0
 
 
+def scale_args_of(inputs: dict[str, Any]) -> tuple[list[int], torch.Tensor, int, str, dict]:
+    """(shape, absmax, blocksize, quant_type, nested keyword arguments) of the 4-bit ops from a
+    ``kernel_inputs`` dict, its tensors as they are (the eager path)."""
+    absmax, kwargs = scale_args(inputs)
+    return inputs["shape"], absmax, inputs["blocksize"], inputs["quant_type"], kwargs
+
+
 def traced_scale_args(inputs: dict[str, Any], traced: tuple) -> tuple[list[int], torch.Tensor, int, str, dict]:
     """(shape, absmax, blocksize, quant_type, nested keyword arguments) of the 4-bit ops from the ``traced``,
     ``scales`` and ``code`` entries of a ``kernel_inputs`` dict (``traced`` not None): one constant tuple, one

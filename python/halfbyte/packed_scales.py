@@ -19,7 +19,7 @@ Buffer layout (byte offsets, each part 16-byte aligned): [0, n) the 8-bit absmax
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -135,7 +135,10 @@ def unpack_scales(
     )
 
 
-def owns_storage(t: torch.Tensor) -> bool:
-    """Whether `t` is the whole of its storage (a view into a packed buffer is not: safetensors refuses tensors
-    that share one, so serialization copies those)."""
-    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+def with_own_storage(t: Any) -> Any:
+    """`t`, or a copy of it when it is a view into a larger buffer (a packed one): safetensors refuses tensors
+    that share storage, and torch.save would write the whole buffer (or refuse views of it as other dtypes)."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return t
+    whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .packed_scales import PACKED_KEY, move_packed_scales, owns_storage
+from .packed_scales import PACKED_KEY, move_packed_scales, with_own_storage
 
 QUANT_TYPES = ("fp4", "nf4")
 _PACKED_PREFIX = "quant_state.bitsandbytes__"
@@ -24,6 +24,7 @@ _REQUIRED_KEYS = ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "sh
 # Caches of functional.kernel_inputs: the state's own dict, a nested state's dict, and in a nested state the list
 # of the dicts of the states that nest it (emptied with it).
 _KERNEL_INPUT_KEYS = ("_kernel_inputs", "_kernel_inputs_nested", "_kernel_inputs_users")
+_NOT_PICKLED = (*_KERNEL_INPUT_KEYS, PACKED_KEY)  # rebuilt on first use
 _REQUIRED_NESTED_KEYS = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
 
 
@@ -50,14 +51,6 @@ def _same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
         return False
     as_bytes = lambda t: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
     return torch.equal(as_bytes(a), as_bytes(b))
-
-
-def _own_storage(t: Any) -> Any:
-    """A tensor that is a view into a larger buffer (packed_scales.py) as a copy of its own: safetensors refuses
-    tensors that share storage, and torch.save would write the whole buffer."""
-    if isinstance(t, torch.Tensor) and t.device.type != "meta" and not owns_storage(t):
-        return t.clone()
-    return t
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -128,7 +121,7 @@ class QuantState:
     def __getstate__(self) -> dict[str, Any]:
         # the caches are rebuilt on first use; copies and pickles carry only the fields, each tensor in storage
         # of its own (torch.save cannot write views of one packed buffer as different dtypes)
-        return {k: _own_storage(v) for k, v in self.__dict__.items() if k not in _KERNEL_INPUT_KEYS and k != PACKED_KEY}
+        return {k: with_own_storage(v) for k, v in self.__dict__.items() if k not in _NOT_PICKLED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -206,7 +199,7 @@ class QuantState:
         """Tensors and plain values for serialization; ``packed=True`` gives only tensors (safetensors)."""
         fields: dict[str, Any] = {
             "quant_type": self.quant_type,
-            "absmax": _own_storage(self.absmax),
+            "absmax": with_own_storage(self.absmax),
             "blocksize": self.blocksize,
             # a copy: the code table may be shared by many states (safetensors refuses shared tensors)
             "quant_map": self.code.clone() if isinstance(self.code, torch.Tensor) else self.code,
@@ -216,7 +209,7 @@ class QuantState:
         if self.nested:
             fields.update(
                 {
-                    "nested_absmax": _own_storage(self.state2.absmax),
+                    "nested_absmax": with_own_storage(self.state2.absmax),
                     "nested_blocksize": self.state2.blocksize,
                     "nested_quant_map": self.state2.code.clone(),  # a copy, as quant_map
                     "nested_dtype": _dtype_name(self.state2.dtype),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..autograd import gemm_4bit_from_scale_args, matmul_4bit, scale_args_of
+from ..autograd import gemm_4bit_from_scale_args, matmul_4bit
 from .params4bit import Params4bit
 from .quantized_state_dict import QuantizedWeightStateDict
 
@@ -67,13 +67,15 @@ def ensure_quant_state(module: nn.Module) -> None:
 
 _LINKED_INPUTS = "_kernel_inputs"
 _LINKED_WEIGHT = "_kernel_inputs_weight"
-_EAGER_ARGS = "eager_scale_args"  # in the linked dict: scale_args_of it, made once per link
+_EAGER_ARGS = "eager_scale_args"  # in the linked dict: the eager operands, made once per link
 
 
 def _link_kernel_inputs(module: nn.Module, weight: torch.Tensor, state) -> dict:
     """``functional.kernel_inputs`` of the weight's state, also kept in the module's ``__dict__`` with a weak
-    reference to the weight it belongs to (a replaced weight is neither used nor kept alive); returns it."""
+    reference to the weight it belongs to (a replaced weight is neither used nor kept alive), and holding the
+    eager forward's operands (``functional.scale_args_of`` of it); returns it."""
     inputs = F.kernel_inputs(state)
+    inputs[_EAGER_ARGS] = F.scale_args_of(inputs)
     fields = module.__dict__
     linked = fields.get(_LINKED_WEIGHT)
     if fields.get(_LINKED_INPUTS) is not inputs or linked is None or linked() is not weight:
@@ -109,7 +111,7 @@ def _forward_traced(self: Linear4bit, x: torch.Tensor) -> torch.Tensor:
             ensure_quant_state(self)  # raises the clear error, or repairs an FSDP-flattened weight
             weight, state = self.weight, self.weight.quant_state
         inputs = F.kernel_inputs(state)
-    return _matmul(self, x, weight, scale_args_of(inputs))
+    return _matmul(self, x, weight, F.scale_args_of(inputs))
 
 
 def _matmul(self: Linear4bit, x: torch.Tensor, weight: torch.Tensor, scale_args: tuple) -> torch.Tensor:
@@ -205,12 +207,10 @@ class Linear4bit(QuantizedWeightStateDict, nn.Linear):
             ensure_quant_state(self)
             weight = self.weight
             inputs = _link_kernel_inputs(self, weight, weight.quant_state)
-            inputs[_EAGER_ARGS] = scale_args_of(inputs)
         compute_dtype = self.compute_dtype
         if compute_dtype is None or compute_dtype == torch.float32:  # the only cases that may warn
             self.set_compute_type(x)
-        scale_args = inputs.get(_EAGER_ARGS)
-        return _matmul(self, x, weight, scale_args if scale_args is not None else scale_args_of(inputs))
+        return _matmul(self, x, weight, inputs[_EAGER_ARGS])
 
     def __getstate__(self) -> dict:
         # copies and pickles drop the link to the kernel inputs; the copy links its own on its first forward
