@@ -17,8 +17,10 @@ measures, in one process:
   (N - 1) / (time to generate N tokens - time to generate 1 token): prefill excluded.
 
 With ``--eager-rounds R``, each halfbyte variant and its bitsandbytes counterpart are then loaded together and
-their eager decode is measured alternately R times (the eager columns above come from one library after the
-other, and the GPU machine's host speed drifts between such runs by more than the libraries differ).
+their eager decode is measured alternately in R short rounds (``--eager-round-tokens`` each, the order reversed
+every other round; tokens/s from the median decode step of the round, timed by a streamer that stamps every token):
+the eager columns above come from one library after the other, and the GPU machine's host speed drifts between
+such runs by more than the libraries differ, so the median of the per-round ratios is the comparison.
 
 Variants, in groups chosen with ``--variants`` (default ``nf4,int8,nf4-lm-head``), measured in this order:
 
@@ -226,10 +228,41 @@ def measure(name, library, quantization_config, folder: Path, config, args, firs
     return row
 
 
+class StepClock:
+    """A generate() streamer that only stamps the time of each put: the prompt, then every new token. generate
+    synchronizes at every step (its stopping check reads the GPU), so the gaps between the stamps after the first
+    token are the decode steps' wall times."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def decode_step_seconds(model, prompt: torch.Tensor, new_tokens: int, device: str) -> list[float]:
+    """Wall time of each decode step of one greedy generation (prefill, the first new token, excluded)."""
+    clock = StepClock()
+    synchronize(device)
+    model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0, streamer=clock,
+    )  # fmt: skip
+    synchronize(device)
+    stamps = clock.stamps[1:]  # [first new token, second, ...]
+    assert len(stamps) == new_tokens
+    return [later - earlier for earlier, later in zip(stamps[:-1], stamps[1:], strict=True)]
+
+
 def interleaved_eager(pairs, folder: Path, config, args) -> dict[str, list[float]]:
     """Eager tokens/s of each variant of `pairs` [(name, library, quantization_config)], all loaded at once and
-    measured in turn, ``--eager-rounds`` times: the host's speed drifts between rounds by more than the
-    libraries differ, so only measurements taken alternately in one process compare them."""
+    measured in turn, ``--eager-rounds`` times, each round one generation of ``--eager-round-tokens`` per model,
+    the order reversed every other round, tokens/s = 1 / the median decode step of the round. The host's speed
+    drifts by more than the libraries differ (in earlier runs bitsandbytes alone went from 18 to 32 tokens/s within
+    one process), so only short rounds taken alternately compare them; the median of many per-round ratios does."""
     from transformers import AutoModelForCausalLM
 
     models = {}
@@ -240,11 +273,13 @@ def interleaved_eager(pairs, folder: Path, config, args) -> dict[str, list[float
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=generator).to(args.device)
     for model in models.values():  # warm-up at the full length (attention plans, allocator)
-        timed_generate(model, prompt, args.new_tokens, args.device)
+        timed_generate(model, prompt, args.eager_round_tokens, args.device)
     rates: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.eager_rounds):
-        for name, model in models.items():
-            rates[name].append(decode_tokens_per_second(model, prompt, args.new_tokens, args.device, repeats=2)[0])
+    names = list(models)
+    for round_index in range(args.eager_rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            steps = decode_step_seconds(models[name], prompt, args.eager_round_tokens, args.device)
+            rates[name].append(1.0 / statistics.median(steps))
     del models
     gc.collect()
     if args.device == "cuda":
@@ -345,6 +380,9 @@ def main() -> int:
         help="after the variants, load each halfbyte variant with its bitsandbytes counterpart together and measure "
         "their eager decode alternately this many rounds (the fair eager comparison on a drifting host); 0: off",
     )  # fmt: skip
+    parser.add_argument(
+        "--eager-round-tokens", type=int, default=16, help="tokens generated per model and round of --eager-rounds"
+    )
     parser.add_argument("--json", help="write the results here (after every variant)")
     args = parser.parse_args()
     script_started = time.perf_counter()

@@ -11,7 +11,8 @@
 //   (gemm_4bit_prefill.cu); 64 < M <= 128 with N * K >= 2^25 -> its wgmma variant where the device has it
 //   (Hopper without the TMA
 //                           encoder), else the mma.sync one.
-//   otherwise            -> dequantize the weight to A's dtype, then at::linear (cuBLAS).
+//   otherwise            -> dequantize the weight to A's dtype, then at::linear (cuBLAS); a weight whose
+//                           16-bit copy exceeds 256 MiB in chunks of rows (gemm_4bit_dequantized).
 // The rule is measured (H100, benchmarks/README.md): the fused kernels are limited by their dequantize and
 // issue work, so they beat dequantize + cuBLAS only while the bf16 copy of the weight costs more than that
 // work. TMA kernel against dequantize + cuBLAS: 14336 x 4096 at M = 64 43 against 100 us, M = 512 129 against
@@ -26,9 +27,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <tuple>
 
 #include "halfbyte/cuda_kernels.h"
@@ -38,6 +41,7 @@ namespace halfbyte::ops {
 namespace {
 
 constexpr int64_t kDecodeMaxRows = 16;
+constexpr int64_t kDequantizeChunkBytes = int64_t{256} << 20;
 
 void check_cuda(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess,
@@ -210,6 +214,65 @@ void forced_tma_plan(const GemmPlan& p, cuda::PrefillPlan& plan) {
   cuda::set_prefill_splits(plan, k_stages, splits, p.M, p.N);
 }
 
+// Rows of W dequantized per cuBLAS call on the dequantize path. A weight whose 16-bit copy exceeds
+// kDequantizeChunkBytes is dequantized and multiplied a chunk of rows at a time through one reused buffer, so
+// the temporary is bounded (256 MiB instead of 1 GiB for a 128256 x 4096 bf16 lm_head) instead of the whole
+// weight. Chunks are large on purpose (H100 sweep, benchmarks/notes_gemm_4bit_prefill.md, "v9"): a chunk of
+// 4-32 MiB was expected to stay in L2 between the dequantize and cuBLAS and save the DRAM write of the copy,
+// but every such chunking measured slower than the whole weight (each cuBLAS call over a few hundred columns
+// fills too few SMs), none faster. A chunk starts on a multiple of 256 scale blocks (nested scales keep one
+// nested absmax per 256 blocks) and at an even element (two codes per byte); returns N (one chunk) where that
+// leaves fewer than two chunks. HALFBYTE_GEMM_4BIT_CHUNK_BYTES overrides the chunk size in bytes of the
+// 16-bit chunk (0: whole weight; tests and benchmarks).
+int64_t dequantize_chunk_rows(const GemmPlan& p, int64_t blocksize) {
+  int64_t chunk_bytes = kDequantizeChunkBytes;
+  if (const char* forced = std::getenv("HALFBYTE_GEMM_4BIT_CHUNK_BYTES")) chunk_bytes = std::atoll(forced);
+  if (chunk_bytes <= 0 || p.K == 0) return p.N;
+  const int64_t unit = 256 * blocksize;  // elements; a multiple of 2 and of blocksize
+  const int64_t step = unit / std::gcd(p.K, unit);
+  const int64_t element_bytes = p.A2.element_size();
+  const int64_t rows = std::max(step, chunk_bytes / (p.K * element_bytes) / step * step);
+  return rows * 2 > p.N ? p.N : rows;
+}
+
+// out = A @ W^T (+ bias) by dequantizing W to A's dtype, `rows` rows at a time, each chunk multiplied by
+// cuBLAS straight into its columns of out (a strided view: ATen passes the row stride to cuBLAS as ldc).
+at::Tensor gemm_4bit_dequantized(const GemmPlan& p, const ScaleSource& s, const float* table,
+                                 int64_t blocksize, const c10::optional<at::Tensor>& bias) {
+  const DType dtype = to_dtype(p.A2.scalar_type());
+  const int64_t rows = dequantize_chunk_rows(p, blocksize);
+  at::Tensor weight = at::empty({rows, p.K}, p.A2.options());
+  if (rows == p.N) {
+    dequantize_4bit_into(p.B, s.scales, table, p.N * p.K, blocksize, dtype, weight);
+    return at::linear(p.A2, weight, bias).view(p.out_shape);
+  }
+  at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  for (int64_t row0 = 0; row0 < p.N; row0 += rows) {
+    const int64_t n = std::min(rows, p.N - row0);
+    const int64_t element0 = row0 * p.K;  // a multiple of 256 * blocksize (dequantize_chunk_rows)
+    const int64_t block0 = element0 / blocksize;
+    cuda::BlockScales chunk_scales = s.scales;
+    if (chunk_scales.absmax != nullptr) {
+      chunk_scales.absmax += block0;
+    } else {
+      chunk_scales.absmax_codes += block0;
+      chunk_scales.nested_absmax += block0 / 256;
+    }
+    check_cuda(cuda::dequantize_4bit(bytes_of(p.B) + element0 / 2, chunk_scales, table, n * p.K, blocksize,
+                                     dtype, weight.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "halfbyte::gemm_4bit");
+    const at::Tensor w = weight.narrow(0, 0, n);
+    at::Tensor out_columns = out.narrow(1, row0, n);
+    if (bias_c.defined()) {
+      at::addmm_out(out_columns, bias_c.narrow(0, row0, n), p.A2, w.t());
+    } else {
+      at::mm_out(out_columns, p.A2, w.t());
+    }
+  }
+  return out.view(p.out_shape);
+}
+
 // out = A @ W^T (+ bias) for a validated plan, choosing the kernel by the number of rows.
 at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const float* table,
                               int64_t blocksize, const c10::optional<at::Tensor>& bias,
@@ -252,9 +315,7 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
     return out.view(p.out_shape);
   }
   const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
-  at::Tensor weight = at::empty({p.N, p.K}, p.A2.options());
-  dequantize_4bit_into(p.B, s.scales, table, p.N * p.K, blocksize, to_dtype(dtype), weight);
-  return at::linear(p.A2, weight, bias).view(p.out_shape);
+  return gemm_4bit_dequantized(p, s, table, blocksize, bias);
 }
 
 at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
