@@ -173,6 +173,36 @@ def test_compute_dtype_casts_in_and_out(device):
     assert layer.bias.dtype == torch.float32  # not cast in place (bitsandbytes casts bias.data)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_eager_inference_calls_the_op_directly_with_the_same_bits(device, nested, compute_dtype, monkeypatch):
+    # Inference on an input in the compute dtype takes forward's direct call of the op; the general path
+    # (_matmul: casts, autograd, errors) must give the same bits, and is what every other case takes.
+    import halfbyte.nn.linear4bit as linear4bit
+
+    layer = quantized_linear(device, N=40, K=192, nested=nested, compute_dtype=compute_dtype)
+    layer.bias.data = layer.bias.data.to(torch.bfloat16)
+    x = random_tensor((2, 3, 192), torch.bfloat16, device)
+    with torch.no_grad():
+        layer(x)  # links the state's kernel inputs
+    scale_args = layer.__dict__[linear4bit._LINKED_INPUTS][linear4bit._EAGER_ARGS]
+    general = linear4bit._matmul(layer, x, layer.weight, scale_args)
+    calls = []
+    monkeypatch.setattr(linear4bit, "_matmul", lambda *args: calls.append(args) or general)
+    with torch.no_grad():
+        direct = layer(x)
+    assert not calls  # the direct call, not the general path
+    assert_same_bits(direct, general)
+    # a cast, a gradient or a wrong input size: the general path
+    layer(x.float())
+    layer(x.requires_grad_())
+    assert len(calls) == 2
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="in_features=192"):
+        layer(random_tensor((2, 100), torch.bfloat16, device))
+
+
 def test_layer_variants_and_blocksize():
     assert LinearNF4(64, 8).weight.quant_type == "nf4" and LinearFP4(64, 8).weight.quant_type == "fp4"
     layer = LinearNF4(256, 8, blocksize=128, compress_statistics=False).to("cpu")

@@ -283,7 +283,7 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
   const GemmKernel kernel = choose_gemm_kernel(p, blocksize, absmax_8bit);
   if (kernel == GemmKernel::kPrefill || kernel == GemmKernel::kPrefillWgmma ||
       kernel == GemmKernel::kPrefillTma) {
-    at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
+    at::Tensor out = at::empty(p.out_shape, p.A2.options());  // [M, N] contiguous, in A's leading shape
     const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
     const bool tma = kernel == GemmKernel::kPrefillTma;
@@ -301,10 +301,10 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
                       workspace.defined() ? workspace.data_ptr<float>() : nullptr,
                       c10::cuda::getCurrentCUDAStream()),
                "halfbyte::gemm_4bit");
-    return out.view(p.out_shape);
+    return out;
   }
   if (kernel == GemmKernel::kDecode) {
-    at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
+    at::Tensor out = at::empty(p.out_shape, p.A2.options());  // [M, N] contiguous, in A's leading shape
     const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
     check_cuda(cuda::gemm_4bit(p.A2.const_data_ptr(), to_dtype(dtype), p.M, p.K,
@@ -312,7 +312,7 @@ at::Tensor gemm_4bit_dispatch(const GemmPlan& p, const at::Tensor& absmax, const
                                bias_c.defined() ? bias_c.const_data_ptr() : nullptr, out.data_ptr(),
                                c10::cuda::getCurrentCUDAStream()),
                "halfbyte::gemm_4bit");
-    return out.view(p.out_shape);
+    return out;
   }
   const ScaleSource s = block_scales(absmax, absmax_8bit, absmax_code, absmax_offset);
   return gemm_4bit_dequantized(p, s, table, blocksize, bias);

@@ -146,7 +146,7 @@ inline GemmPlan plan_gemm_4bit(const char* op, const at::Tensor& A, const at::Te
   GemmPlan p;
   p.N = shapeB[0];
   p.K = shapeB[1];
-  p.A2 = A.reshape({-1, p.K});
+  p.A2 = A.dim() == 2 ? A : A.reshape({-1, p.K});  // a 2-D A as it is: no view per call
   if (p.K > 1 && p.A2.stride(1) != 1) p.A2 = p.A2.contiguous();
   if (p.A2.size(0) > 1 && p.A2.stride(0) < p.K) p.A2 = p.A2.contiguous();
   p.M = p.A2.size(0);

@@ -68,6 +68,9 @@ def ensure_quant_state(module: nn.Module) -> None:
 _LINKED_INPUTS = "_kernel_inputs"
 _LINKED_WEIGHT = "_kernel_inputs_weight"
 _EAGER_ARGS = "eager_scale_args"  # in the linked dict: the eager operands, made once per link
+_EAGER_CALL = "eager_call"  # in the linked dict: (K, positional operands before and after the bias)
+_GEMM_4BIT = torch.ops.halfbyte.gemm_4bit.default
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
 
 def _link_kernel_inputs(module: nn.Module, weight: torch.Tensor, state) -> dict:
@@ -75,7 +78,10 @@ def _link_kernel_inputs(module: nn.Module, weight: torch.Tensor, state) -> dict:
     reference to the weight it belongs to (a replaced weight is neither used nor kept alive), and holding the
     eager forward's operands (``functional.scale_args_of`` of it); returns it."""
     inputs = F.kernel_inputs(state)
-    inputs[_EAGER_ARGS] = F.scale_args_of(inputs)
+    shape, absmax, blocksize, quant_type, nested = inputs[_EAGER_ARGS] = F.scale_args_of(inputs)
+    after_bias = (nested["absmax_8bit"], nested["absmax_code"], nested["absmax_offset"]) if nested else ()
+    K = shape[1] if shape is not None and len(shape) == 2 else -1  # -1: no fast path (forward)
+    inputs[_EAGER_CALL] = (K, (shape, absmax, blocksize, quant_type), after_bias)
     fields = module.__dict__
     linked = fields.get(_LINKED_WEIGHT)
     if fields.get(_LINKED_INPUTS) is not inputs or linked is None or linked() is not weight:
@@ -210,6 +216,20 @@ class Linear4bit(QuantizedWeightStateDict, nn.Linear):
         compute_dtype = self.compute_dtype
         if compute_dtype is None or compute_dtype == torch.float32:  # the only cases that may warn
             self.set_compute_type(x)
+        # Inference on an input already in the compute dtype (decoding): the op itself, positional, below the
+        # autograd key (no gradient can flow). Everything else (casts, autograd, a transposed state, a wrong
+        # input size and its error) goes through _matmul.
+        K, before_bias, after_bias = inputs[_EAGER_CALL]
+        bias = self._parameters["bias"]
+        dtype = x.dtype
+        if (
+            (compute_dtype is None or dtype is compute_dtype)
+            and (bias is None or bias.dtype is dtype)
+            and x.shape[-1] == K == self.in_features
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+        ):
+            with _BELOW_AUTOGRAD():
+                return _GEMM_4BIT(x, weight, *before_bias, bias, *after_bias)
         return _matmul(self, x, weight, inputs[_EAGER_ARGS])
 
     def __getstate__(self) -> dict:
