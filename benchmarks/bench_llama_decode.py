@@ -151,12 +151,13 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_generate(model, prompt: torch.Tensor, new_tokens: int, device: str) -> float:
+def timed_generate(model, prompt: torch.Tensor, new_tokens: int, device: str, streamer=None) -> float:
+    """Seconds of one greedy generation of exactly `new_tokens` tokens (GPU synchronized before and after)."""
     synchronize(device)
     started = time.perf_counter()
     output = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0,
+        do_sample=False, pad_token_id=0, streamer=streamer,
     )  # fmt: skip
     synchronize(device)
     assert output.shape[1] == prompt.shape[1] + new_tokens
@@ -246,12 +247,7 @@ class StepClock:
 def decode_step_seconds(model, prompt: torch.Tensor, new_tokens: int, device: str) -> list[float]:
     """Wall time of each decode step of one greedy generation (prefill, the first new token, excluded)."""
     clock = StepClock()
-    synchronize(device)
-    model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0, streamer=clock,
-    )  # fmt: skip
-    synchronize(device)
+    timed_generate(model, prompt, new_tokens, device, streamer=clock)
     stamps = clock.stamps[1:]  # [first new token, second, ...]
     assert len(stamps) == new_tokens
     return [later - earlier for earlier, later in zip(stamps[:-1], stamps[1:], strict=True)]

@@ -14,7 +14,7 @@ import halfbyte.functional as F
 import pytest
 import torch
 from conftest import assert_graph_and_compile_equal_eager, random_tensor
-from test_gemm_4bit_prefill import _environment, forced_kernel
+from test_gemm_4bit_prefill import _environment, _weight, forced_kernel
 from test_matmul import TOLERANCE, _reference, relative_error
 
 pytestmark = pytest.mark.cuda
@@ -27,11 +27,6 @@ def smallest_chunk_rows(K, blocksize):
 
 def smallest_chunks():
     return _environment("HALFBYTE_GEMM_4BIT_CHUNK_BYTES", "1")
-
-
-def _weight(N, K, blocksize, quant_type, nested, seed):
-    W = random_tensor((N, K), torch.float32, "cuda", seed=seed)
-    return F.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
 
 
 # (N, K, blocksize) and the smallest chunk: 256 rows (K = 320, 5 blocks of 64 per row), 16 rows (K = 4096 at

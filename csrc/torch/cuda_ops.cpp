@@ -93,9 +93,10 @@ ScaleSource block_scales(const at::Tensor& absmax, const c10::optional<at::Tenso
   return s;
 }
 
-void dequantize_4bit_into(const at::Tensor& packed, const cuda::BlockScales& scales, const float* table,
-                          int64_t n, int64_t blocksize, DType dtype, at::Tensor& out) {
-  check_cuda(cuda::dequantize_4bit(bytes_of(packed), scales, table, n, blocksize, dtype, out.data_ptr(),
+// n codes from `packed` (their first scale at scales[0]) dequantized into `out`, on the current stream.
+void dequantize_4bit_into(const uint8_t* packed, const cuda::BlockScales& scales, const float* table,
+                          int64_t n, int64_t blocksize, DType dtype, void* out) {
+  check_cuda(cuda::dequantize_4bit(packed, scales, table, n, blocksize, dtype, out,
                                    c10::cuda::getCurrentCUDAStream()),
              "halfbyte::dequantize_4bit");
 }
@@ -109,7 +110,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
   DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, {},
                                           absmax_8bit, absmax_code, absmax_offset);
   const ScaleSource s = block_scales(p.absmax, absmax_8bit, absmax_code, absmax_offset);
-  dequantize_4bit_into(p.codes, s.scales, table_4bit_cuda(p.type), p.n, blocksize, p.dtype, p.out);
+  dequantize_4bit_into(bytes_of(p.codes), s.scales, table_4bit_cuda(p.type), p.n, blocksize, p.dtype,
+                       p.out.data_ptr());
   return p.out;
 }
 
@@ -122,7 +124,8 @@ void dequantize_4bit_out_cuda(const at::Tensor& A, const at::Tensor& absmax, int
   DequantizePlan p = plan_dequantize_4bit(A, absmax, blocksize, std::string(quant_type), shape, dtype, out,
                                           absmax_8bit, absmax_code, absmax_offset);
   const ScaleSource s = block_scales(p.absmax, absmax_8bit, absmax_code, absmax_offset);
-  dequantize_4bit_into(p.codes, s.scales, table_4bit_cuda(p.type), p.n, blocksize, p.dtype, p.out);
+  dequantize_4bit_into(bytes_of(p.codes), s.scales, table_4bit_cuda(p.type), p.n, blocksize, p.dtype,
+                       p.out.data_ptr());
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code,
@@ -243,7 +246,7 @@ at::Tensor gemm_4bit_dequantized(const GemmPlan& p, const ScaleSource& s, const 
   const int64_t rows = dequantize_chunk_rows(p, blocksize);
   at::Tensor weight = at::empty({rows, p.K}, p.A2.options());
   if (rows == p.N) {
-    dequantize_4bit_into(p.B, s.scales, table, p.N * p.K, blocksize, dtype, weight);
+    dequantize_4bit_into(bytes_of(p.B), s.scales, table, p.N * p.K, blocksize, dtype, weight.data_ptr());
     return at::linear(p.A2, weight, bias).view(p.out_shape);
   }
   at::Tensor out = at::empty({p.M, p.N}, p.A2.options());
@@ -259,9 +262,8 @@ at::Tensor gemm_4bit_dequantized(const GemmPlan& p, const ScaleSource& s, const 
       chunk_scales.absmax_codes += block0;
       chunk_scales.nested_absmax += block0 / 256;
     }
-    check_cuda(cuda::dequantize_4bit(bytes_of(p.B) + element0 / 2, chunk_scales, table, n * p.K, blocksize,
-                                     dtype, weight.data_ptr(), c10::cuda::getCurrentCUDAStream()),
-               "halfbyte::gemm_4bit");
+    dequantize_4bit_into(bytes_of(p.B) + element0 / 2, chunk_scales, table, n * p.K, blocksize, dtype,
+                         weight.data_ptr());
     const at::Tensor w = weight.narrow(0, 0, n);
     at::Tensor out_columns = out.narrow(1, row0, n);
     if (bias_c.defined()) {

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..autograd import gemm_4bit_from_scale_args, matmul_4bit
+from ..autograd import _needs_gradient, gemm_4bit_from_scale_args, matmul_4bit
 from .params4bit import Params4bit
 from .quantized_state_dict import QuantizedWeightStateDict
 
@@ -226,7 +226,7 @@ class Linear4bit(QuantizedWeightStateDict, nn.Linear):
             (compute_dtype is None or dtype is compute_dtype)
             and (bias is None or bias.dtype is dtype)
             and x.shape[-1] == K == self.in_features
-            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+            and not _needs_gradient(x, bias)
         ):
             with _BELOW_AUTOGRAD():
                 return _GEMM_4BIT(x, weight, *before_bias, bias, *after_bias)
